@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Run the test suite. The first run creates .venv and installs requirements_dev.txt (needs only Python 3.11).
+set -euo pipefail
+cd "$(dirname "$0")"
+venv_python=$("${PYTHON:-python3}" -m training.env_setup requirements_dev.txt | tail -n 1)
+exec "$venv_python" -m pytest -c test/pytest.ini "$@"

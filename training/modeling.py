@@ -1,0 +1,101 @@
+"""Loading the tokenizer and model for training, and choosing the sequence length and precision."""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .consts import DEFAULT_INPUT_MODEL, DEFAULT_MAX_LENGTH, DOLLY_SPECIAL_TOKENS
+
+logger = logging.getLogger(__name__)
+
+Precision = Literal["bf16", "fp16", "fp32"]
+# Config attributes that hold a model's context length, in the order Dolly looked them up.
+MAX_LENGTH_SETTINGS = ("n_positions", "max_position_embeddings", "seq_length")
+
+
+def load_tokenizer(
+    pretrained_model_name_or_path: str = DEFAULT_INPUT_MODEL, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    """Load a tokenizer, give it a pad token (EOS when it has none) and add Dolly's special tokens."""
+    logger.info("Loading tokenizer for %s", pretrained_model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.add_special_tokens({"extra_special_tokens": DOLLY_SPECIAL_TOKENS}, replace_extra_special_tokens=False)
+    return tokenizer
+
+
+def load_model(
+    pretrained_model_name_or_path: str = DEFAULT_INPUT_MODEL,
+    *,
+    gradient_checkpointing: bool = False,
+    trust_remote_code: bool = False,
+    **from_pretrained_kwargs,
+) -> PreTrainedModel:
+    """Load a causal LM for training (the KV cache is off: it is useless in training and breaks packing)."""
+    logger.info("Loading model for %s", pretrained_model_name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        pretrained_model_name_or_path, trust_remote_code=trust_remote_code, **from_pretrained_kwargs
+    )
+    model.config.use_cache = False
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def resize_embeddings_for(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Grow the embeddings to fit the tokenizer; never shrink them (Pythia pads its vocabulary to 50304)."""
+    current = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > current:
+        logger.info("Resizing token embeddings from %d to %d", current, len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer))
+
+
+def get_model_tokenizer(
+    pretrained_model_name_or_path: str = DEFAULT_INPUT_MODEL,
+    *,
+    gradient_checkpointing: bool = False,
+    trust_remote_code: bool = False,
+    **from_pretrained_kwargs,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the tokenizer and model together, with the embeddings sized for the added special tokens."""
+    tokenizer = load_tokenizer(pretrained_model_name_or_path, trust_remote_code=trust_remote_code)
+    model = load_model(
+        pretrained_model_name_or_path,
+        gradient_checkpointing=gradient_checkpointing,
+        trust_remote_code=trust_remote_code,
+        **from_pretrained_kwargs,
+    )
+    resize_embeddings_for(model, tokenizer)
+    return model, tokenizer
+
+
+def model_max_length(model: PreTrainedModel) -> int:
+    """The model's own context length, falling back to Dolly's 1024."""
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for setting in MAX_LENGTH_SETTINGS:
+        value = getattr(text_config, setting, None)
+        if value:
+            logger.info("Found max length %d in config.%s", value, setting)
+            return int(value)
+    logger.info("Using default max length %d", DEFAULT_MAX_LENGTH)
+    return DEFAULT_MAX_LENGTH
+
+
+def choose_precision(bf16: bool | None = None) -> Precision:
+    """bf16 where the GPU has it, fp16 on older GPUs (V100), fp32 on CPU; ``bf16`` forces the choice."""
+    has_cuda = torch.cuda.is_available()
+    if bf16 is True:
+        if has_cuda and not torch.cuda.is_bf16_supported():
+            raise ValueError("--bf16 was requested but this GPU does not support bfloat16 (use --no-bf16 for fp16)")
+        return "bf16"
+    if not has_cuda:
+        return "fp32"
+    if bf16 is False or not torch.cuda.is_bf16_supported():
+        return "fp16"
+    return "bf16"

@@ -1,0 +1,71 @@
+"""Pythia-shaped (GPT-NeoX) models with random weights, and a byte-level BPE tokenizer trained offline.
+
+Tests use the tiny shape; throughput benchmarks use the published Pythia dimensions. Nothing here downloads.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+
+logger = logging.getLogger(__name__)
+
+# Published Pythia dimensions (Biderman et al., 2023); "tiny" is ours, for tests.
+PYTHIA_SHAPES: dict[str, dict[str, int]] = {
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256},
+    "70m": {"hidden_size": 512, "num_hidden_layers": 6, "num_attention_heads": 8, "intermediate_size": 2048},
+    "160m": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
+    "410m": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096},
+    "1.4b": {"hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 8192},
+    "2.8b": {"hidden_size": 2560, "num_hidden_layers": 32, "num_attention_heads": 32, "intermediate_size": 10240},
+}
+PYTHIA_EOS = "<|endoftext|>"
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """A GPT-NeoX-style byte-level BPE tokenizer (EOS and BOS ``<|endoftext|>``, no pad token) trained on ``texts``."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[PYTHIA_EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=PYTHIA_EOS, bos_token=PYTHIA_EOS, unk_token=PYTHIA_EOS)
+
+
+def pythia_config(shape: str, vocab_size: int, max_position_embeddings: int = 2048) -> GPTNeoXConfig:
+    """A GPT-NeoX config with Pythia's settings (parallel residual, rotary on a quarter of each head)."""
+    if shape not in PYTHIA_SHAPES:
+        raise ValueError(f"unknown Pythia shape '{shape}'; choose one of {', '.join(PYTHIA_SHAPES)}")
+    return GPTNeoXConfig(
+        vocab_size=vocab_size,
+        max_position_embeddings=max_position_embeddings,
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        **PYTHIA_SHAPES[shape],
+    )
+
+
+def build_pythia_model(
+    out_dir: str | Path, texts: Iterable[str], shape: str = "tiny", vocab_size: int = 1024, seed: int = 0
+) -> Path:
+    """Write a random-initialised Pythia-shaped model and its tokenizer to ``out_dir``, ready for ``from_pretrained``."""
+    import torch
+
+    out_dir = Path(out_dir)
+    tokenizer = train_bpe_tokenizer(texts, vocab_size=vocab_size)
+    torch.manual_seed(seed)
+    model = GPTNeoXForCausalLM(pythia_config(shape, vocab_size=len(tokenizer)))
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    logger.info("Built a %s Pythia-shaped model (%d parameters) in %s", shape, model.num_parameters(), out_dir)
+    return out_dir

@@ -1,0 +1,246 @@
+"""Fine-tune a causal LM on dolly-format records: ``python -m training.trainer`` or
+``deepspeed --num_gpus N --module training.trainer``.
+
+The public names of Dolly's ``training/trainer.py`` are kept here, so code written against Dolly keeps working.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from pathlib import Path
+
+import click
+from datasets import Dataset
+from transformers import PreTrainedModel, Trainer, TrainingArguments, set_seed
+
+from .collators import DataCollatorForCompletionOnlyLM, DataCollatorForPackedCompletionOnlyLM
+from .consts import DEFAULT_INPUT_MODEL, DEFAULT_SEED, DEFAULT_TRAINING_DATASET
+from .data import load_training_dataset
+from .distributed import accelerator_config_for
+from .modeling import choose_precision, get_model_tokenizer, load_model, load_tokenizer, model_max_length
+from .preprocess import preprocess_batch, preprocess_dataset
+from .saving import add_pipeline_to_config, copy_to_dir, prepare_output_dir, publish_dir, write_pipeline_code
+
+__all__ = [
+    "DataCollatorForCompletionOnlyLM",
+    "DataCollatorForPackedCompletionOnlyLM",
+    "get_model_tokenizer",
+    "load_model",
+    "load_tokenizer",
+    "load_training_dataset",
+    "preprocess_batch",
+    "preprocess_dataset",
+    "train",
+]
+
+logger = logging.getLogger(__name__)
+
+# Attention implementations that read packed sequences from restarting position ids.
+PACKING_ATTENTION = {"sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"}
+STAGING_DIR_NAME = ".staging-final"
+
+
+def parse_test_size(value: str | float | int) -> float | int:
+    """A held-out count ("1000") or a ratio ("0.1"); 0 turns evaluation off."""
+    number = float(value)
+    if number < 0:
+        raise ValueError(f"--test-size must not be negative, got {value}")
+    if 0 < number < 1:
+        return number
+    if number != int(number):
+        raise ValueError(f"--test-size must be a whole count or a ratio below 1, got {value}")
+    return int(number)
+
+
+def supports_packing(model: PreTrainedModel) -> bool:
+    """Whether the model can train on packed rows: it takes position ids and its attention honours them."""
+    takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+    return takes_positions and getattr(model.config, "_attn_implementation", None) in PACKING_ATTENTION
+
+
+def split_dataset(dataset: Dataset, test_size: float | int, seed: int) -> tuple[Dataset, Dataset | None]:
+    """Hold out ``test_size`` records (a count or ratio) for evaluation."""
+    if not test_size:
+        return dataset, None
+    if isinstance(test_size, int) and test_size >= dataset.num_rows:
+        raise ValueError(f"--test-size {test_size} leaves no training records (the dataset has {dataset.num_rows})")
+    split = dataset.train_test_split(test_size=test_size, seed=seed)
+    logger.info("Train data size: %d, test data size: %d", split["train"].num_rows, split["test"].num_rows)
+    return split["train"], split["test"]
+
+
+def train(
+    *,
+    input_model: str = DEFAULT_INPUT_MODEL,
+    local_output_dir: str,
+    dbfs_output_dir: str | None = None,
+    epochs: float = 3,
+    per_device_train_batch_size: int = 8,
+    per_device_eval_batch_size: int = 8,
+    gradient_accumulation_steps: int = 1,
+    lr: float = 1e-5,
+    seed: int = DEFAULT_SEED,
+    deepspeed: str | None = None,
+    gradient_checkpointing: bool = True,
+    local_rank: str | int | None = None,
+    bf16: bool | None = None,
+    logging_steps: int = 10,
+    save_steps: int = 400,
+    eval_steps: int = 50,
+    test_size: float | int = 1000,
+    save_total_limit: int = 10,
+    warmup_steps: int | None = None,
+    training_dataset: str = DEFAULT_TRAINING_DATASET,
+    max_length: int | None = None,
+    max_steps: int = -1,
+    packing: bool = True,
+    resume: bool = False,
+    overwrite_output_dir: bool = False,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Fine-tune ``input_model`` on ``training_dataset`` and save a pipeline-ready model to ``local_output_dir``.
+
+    ``local_rank`` is accepted for the DeepSpeed launcher; the process's rank is read from its environment.
+    """
+    del local_rank
+    output_dir = Path(local_output_dir)
+    resume_from = prepare_output_dir(output_dir, resume=resume, overwrite=overwrite_output_dir)
+    set_seed(seed)
+    precision = choose_precision(bf16)
+    logger.info("Training in %s", precision)
+
+    # TrainingArguments come first so that, under ZeRO-3, the model is loaded straight into partitions.
+    training_args = TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=per_device_train_batch_size,
+        per_device_eval_batch_size=per_device_eval_batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        fp16=precision == "fp16",
+        bf16=precision == "bf16",
+        learning_rate=lr,
+        num_train_epochs=epochs,
+        max_steps=max_steps,
+        deepspeed=deepspeed,
+        accelerator_config=accelerator_config_for(deepspeed),
+        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        logging_strategy="steps",
+        logging_steps=logging_steps,
+        eval_strategy="steps" if test_size else "no",
+        eval_steps=eval_steps,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=save_total_limit,
+        load_best_model_at_end=False,
+        report_to=["tensorboard"],
+        remove_unused_columns=False,
+        warmup_steps=warmup_steps or 0,
+        seed=seed,
+    )
+    model, tokenizer = get_model_tokenizer(
+        input_model, gradient_checkpointing=gradient_checkpointing, trust_remote_code=trust_remote_code
+    )
+    max_length = max_length or model_max_length(model)
+    dataset = preprocess_dataset(tokenizer=tokenizer, max_length=max_length, seed=seed, training_dataset=training_dataset)
+    train_dataset, eval_dataset = split_dataset(dataset, test_size, seed)
+
+    if packing and supports_packing(model):
+        data_collator = DataCollatorForPackedCompletionOnlyLM(tokenizer=tokenizer)
+    else:
+        if packing:
+            logger.warning("This model cannot train on packed rows; grouping records of similar length instead")
+            training_args.train_sampling_strategy = "group_by_length"
+        data_collator = DataCollatorForCompletionOnlyLM(tokenizer=tokenizer, pad_to_multiple_of=8)
+
+    trainer = Trainer(
+        model=model,
+        processing_class=tokenizer,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=data_collator,
+    )
+    logger.info("Training")
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+    save_trained_model(trainer, tokenizer, output_dir)
+    if dbfs_output_dir and trainer.is_world_process_zero():
+        copy_to_dir(output_dir, dbfs_output_dir)
+    logger.info("Done.")
+    return output_dir
+
+
+def save_trained_model(trainer: Trainer, tokenizer, output_dir: Path) -> None:
+    """Save model, tokenizer, generation config and pipeline code: staged first, then moved into place."""
+    add_pipeline_to_config(trainer.model, tokenizer)
+    staging = output_dir / STAGING_DIR_NAME
+    logger.info("Saving model to %s", output_dir)
+    trainer.save_model(output_dir=str(staging))  # collective under ZeRO-3: every rank takes part
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(staging)
+        write_pipeline_code(staging)
+        publish_dir(staging, output_dir)
+
+
+@click.command()
+@click.option("--input-model", type=str, default=DEFAULT_INPUT_MODEL, help="Input model to fine tune")
+@click.option("--local-output-dir", type=str, required=True, help="Write directly to this local path")
+@click.option("--dbfs-output-dir", type=str, help="Sync data to this path on DBFS")
+@click.option("--epochs", type=float, default=3, help="Number of epochs to train for.")
+@click.option("--per-device-train-batch-size", type=int, default=8, help="Batch size to use for training.")
+@click.option("--per-device-eval-batch-size", type=int, default=8, help="Batch size to use for evaluation.")
+@click.option("--gradient-accumulation-steps", type=int, default=1, help="Micro-batches per optimizer step.")
+@click.option(
+    "--test-size", type=str, default="1000", help="Records held out for evaluation: a count, or a ratio below 1."
+)
+@click.option("--warmup-steps", type=int, default=None, help="Number of steps to warm up to learning rate")
+@click.option("--logging-steps", type=int, default=10, help="How often to log")
+@click.option("--eval-steps", type=int, default=50, help="How often to run evaluation on test records")
+@click.option("--save-steps", type=int, default=400, help="How often to checkpoint the model")
+@click.option("--save-total-limit", type=int, default=10, help="Maximum number of checkpoints to keep on disk")
+@click.option("--lr", type=float, default=1e-5, help="Learning rate to use for training.")
+@click.option("--seed", type=int, default=DEFAULT_SEED, help="Seed to use for training.")
+@click.option("--deepspeed", type=str, default=None, help="Path to deepspeed config file.")
+@click.option(
+    "--training-dataset",
+    type=str,
+    default=DEFAULT_TRAINING_DATASET,
+    help="Hub dataset name, local folder, or .jsonl/.json/.parquet file of dolly records.",
+)
+@click.option(
+    "--gradient-checkpointing/--no-gradient-checkpointing",
+    is_flag=True,
+    default=True,
+    help="Use gradient checkpointing?",
+)
+@click.option(
+    "--local_rank",
+    type=str,
+    default=None,
+    help="Provided by deepspeed to identify which instance this process is when performing multi-GPU training.",
+)
+@click.option("--bf16", type=bool, default=None, help="Whether to use bf16 (preferred on A100's); default: detect.")
+@click.option("--max-length", type=int, default=None, help="Longest record in tokens; default: the model's own.")
+@click.option("--max-steps", type=int, default=-1, help="Stop after this many optimizer steps (overrides --epochs).")
+@click.option(
+    "--packing/--no-packing",
+    default=True,
+    help="Pack records into rows without padding (falls back to length-grouped batches where unsupported).",
+)
+@click.option("--resume/--no-resume", default=False, help="Continue from the latest complete checkpoint.")
+@click.option("--overwrite-output-dir", is_flag=True, default=False, help="Start again in a non-empty output dir.")
+@click.option("--trust-remote-code", is_flag=True, default=False, help="Run code shipped with the model repo.")
+def main(**kwargs) -> None:
+    """Fine-tune a causal LM on dolly-format instruction records."""
+    kwargs["test_size"] = parse_test_size(kwargs["test_size"])
+    train(**kwargs)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(format="%(asctime)s %(levelname)s [%(name)s] %(message)s", level=logging.INFO)
+    try:
+        main()
+    except Exception:
+        logger.exception("main failed")
+        raise
