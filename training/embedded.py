@@ -57,7 +57,14 @@ def embedded_model_dir() -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_NAME}-", dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        dequantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The weights are plain fp32 now, but the model still carries a "gguf" quantization marker that blocks
+        # saving: rebuild a plain model from the config without it and take the weights over.
+        config = dequantized.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(dequantized.state_dict())
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         try:

