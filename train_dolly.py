@@ -1,0 +1,116 @@
+# Databricks notebook source
+# MAGIC %md
+# MAGIC ## Train Dolly
+# MAGIC
+# MAGIC Fine-tunes a base causal language model (EleutherAI Pythia by default) on the databricks-dolly-15k
+# MAGIC instruction records with the Dolly prompt template, using DeepSpeed, then answers a few instructions with
+# MAGIC the result.
+# MAGIC
+# MAGIC **On Databricks**: attach to a GPU cluster (for example 8x A100 for pythia-12b; see the README for which
+# MAGIC model fits where), set the widgets above and run all cells. The `%pip` and `%tensorboard` cells are
+# MAGIC Databricks magics.
+# MAGIC
+# MAGIC **Anywhere else**: `python train_dolly.py` runs this same file. Widget values come from flags
+# MAGIC (`--gpu_family a100 --input_model EleutherAI/pythia-2.8b ...`) or `DOLLY_<WIDGET>` environment variables,
+# MAGIC and with nothing given it trains the embedded 135M pretrained model on the project's sample data on CPU,
+# MAGIC offline, in a few minutes. The magic lines are comments there and are skipped.
+
+# COMMAND ----------
+
+# MAGIC %pip install -r requirements.txt
+
+# COMMAND ----------
+
+import logging
+import sys
+
+if "dbutils" not in globals() and __name__ == "__main__":
+    # Outside Databricks: create .venv and install the requirements on first use, then continue inside it.
+    from training.env_setup import reexec_in_env
+
+    reexec_in_env("requirements.txt")
+
+logging.basicConfig(
+    format="%(asctime)s %(levelname)s [%(name)s] %(message)s", level=logging.INFO, datefmt="%Y-%m-%d %H:%M:%S"
+)
+logging.getLogger("py4j").setLevel(logging.WARNING)
+logging.getLogger("sh.command").setLevel(logging.ERROR)
+
+# COMMAND ----------
+
+from training.notebook import NotebookWidgets, on_databricks
+
+databricks = on_databricks(globals())
+widgets = NotebookWidgets(globals().get("dbutils"))
+
+# COMMAND ----------
+
+from training.data import load_training_dataset
+from training.modeling import load_tokenizer
+from training.notebook import resolve_input_model
+
+# Resolve the model and check the data once, here, before a group of DeepSpeed processes is started.
+input_model = resolve_input_model(widgets.get("input_model"))
+training_dataset = widgets.get("training_dataset")
+load_training_dataset(training_dataset)
+load_tokenizer(input_model)
+
+# COMMAND ----------
+
+import os
+
+from training.notebook import GPU_FAMILIES, deepspeed_command, run_paths
+
+paths = run_paths(
+    widgets.get("experiment_id"),
+    widgets.get("local_training_root"),
+    widgets.get("dbfs_output_root"),
+    databricks=databricks,
+)
+os.makedirs(os.path.dirname(paths.local_output_dir), exist_ok=True)
+if paths.dbfs_output_dir:
+    os.makedirs(os.path.dirname(paths.dbfs_output_dir), exist_ok=True)
+tensorboard_display_dir = paths.tensorboard_display_dir
+
+print(f"Local Output Dir: {paths.local_output_dir}")
+print(f"DBFS Output Dir: {paths.dbfs_output_dir}")
+print(f"Tensorboard Display Dir: {tensorboard_display_dir}")
+
+gpu_family = widgets.get("gpu_family")
+command = deepspeed_command(
+    input_model=input_model,
+    gpu_family=gpu_family,
+    paths=paths,
+    num_gpus=widgets.get("num_gpus"),
+    training_dataset=training_dataset,
+)
+print(f"Deepspeed config file: {command[command.index('--deepspeed') + 1]}")
+
+# COMMAND ----------
+
+# MAGIC %load_ext tensorboard
+# MAGIC %tensorboard --logdir '{tensorboard_display_dir}'
+
+# COMMAND ----------
+
+from training.notebook import launch_training
+
+launch_training(command)
+
+# COMMAND ----------
+
+from training.generate import generate_response, load_model_tokenizer_for_generate
+
+trained_model_dir = paths.dbfs_output_dir or paths.local_output_dir
+model, tokenizer = load_model_tokenizer_for_generate(
+    trained_model_dir, dtype=GPU_FAMILIES[gpu_family].generation_dtype
+)
+
+# COMMAND ----------
+
+from training.notebook import EXAMPLE_INSTRUCTIONS
+
+# Examples from https://www.databricks.com/blog/2023/03/24/hello-dolly-democratizing-magic-chatgpt-open-models.html
+for instruction in EXAMPLE_INSTRUCTIONS:
+    response = generate_response(instruction, model=model, tokenizer=tokenizer)
+    print(f"Instruction: {instruction}\n\n{response or '(empty response)'}\n\n-----------\n")
