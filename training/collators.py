@@ -56,14 +56,15 @@ class DataCollatorForCompletionOnlyLM:
 class DataCollatorForPackedCompletionOnlyLM:
     """Packs a batch into one row with no padding: position ids restart at each record.
 
-    Without an attention mask, transformers builds a block-diagonal causal mask from the restarting position ids,
-    so no record attends to another. A record's first label is always -100, so nothing is learned across a boundary.
+    Without an attention mask (and without a KV cache, which would hide the packing from it), transformers builds a
+    block-diagonal causal mask from the restarting position ids, so no record attends to another. A record's first
+    label is always -100, so nothing is learned across a boundary.
     """
 
     tokenizer: PreTrainedTokenizerBase
     return_tensors: str = "pt"
 
-    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         input_ids: list[int] = []
         labels: list[int] = []
         position_ids: list[int] = []
@@ -77,4 +78,5 @@ class DataCollatorForPackedCompletionOnlyLM:
             "input_ids": torch.tensor([input_ids], dtype=torch.long),
             "labels": torch.tensor([labels], dtype=torch.long),
             "position_ids": torch.tensor([position_ids], dtype=torch.long),
+            "use_cache": False,
         }

@@ -1,0 +1,97 @@
+"""Packing must not change what is learned: records in a packed row are isolated, and the loss is normalised per
+response token over the whole optimizer step, however records are grouped into rows, micro-batches and steps."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+from training.collators import DataCollatorForCompletionOnlyLM, DataCollatorForPackedCompletionOnlyLM
+from training.modeling import get_model_tokenizer
+from training.preprocess import IGNORE_INDEX, preprocess_dataset
+from training.trainer import supports_packing
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir):
+    model, tokenizer = get_model_tokenizer(str(tiny_model_dir))
+    return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def records(model_and_tokenizer, sample_path):
+    _, tokenizer = model_and_tokenizer
+    return list(preprocess_dataset(tokenizer, 4096, training_dataset=str(sample_path)))
+
+
+def tiny_llama(vocab_size: int) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    model = LlamaForCausalLM(config).eval()
+    assert model.config.use_cache  # the collator alone must keep packed records apart
+    return model
+
+
+def record_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token loss of one record."""
+    return torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+@pytest.mark.parametrize("architecture", ["gpt_neox", "llama"])
+def test_each_record_in_a_packed_row_matches_the_record_alone(model_and_tokenizer, records, architecture):
+    model, tokenizer = model_and_tokenizer
+    if architecture == "llama":
+        model = tiny_llama(len(tokenizer))
+    assert supports_packing(model)
+    chosen = records[:4]
+    packed = DataCollatorForPackedCompletionOnlyLM(tokenizer=tokenizer)(chosen)
+    assert "attention_mask" not in packed and packed["input_ids"].shape[0] == 1
+    with torch.no_grad():
+        packed_logits = model(**{k: v for k, v in packed.items() if k != "labels"}).logits[0]
+        start = 0
+        for record in chosen:
+            ids = torch.tensor([record["input_ids"]])
+            alone = model(input_ids=ids).logits[0]
+            inside = packed_logits[start : start + ids.shape[1]]
+            torch.testing.assert_close(inside, alone, atol=1e-4, rtol=1e-4)
+            labels = torch.tensor(record["labels"])
+            torch.testing.assert_close(record_loss(inside, labels), record_loss(alone, labels), atol=1e-3, rtol=1e-5)
+            start += ids.shape[1]
+
+
+def test_nothing_is_learned_across_a_record_boundary(model_and_tokenizer, records):
+    _, tokenizer = model_and_tokenizer
+    packed = DataCollatorForPackedCompletionOnlyLM(tokenizer=tokenizer)(records[:3])
+    starts = (packed["position_ids"][0] == 0).nonzero().flatten().tolist()
+    assert len(starts) == 3
+    assert all(packed["labels"][0, s].item() == IGNORE_INDEX for s in starts)
+
+
+def one_sgd_step(tiny_model_dir, dataset, tmp_path, collator, batch_size: int, accumulation: int):
+    torch.manual_seed(0)  # the added tokens' embedding rows are drawn at random when resizing
+    model, tokenizer = get_model_tokenizer(str(tiny_model_dir))
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+        max_steps=1, learning_rate=1.0, optim="sgd", lr_scheduler_type="constant", warmup_steps=0,
+        train_sampling_strategy="sequential", report_to=[], save_strategy="no", logging_steps=1,
+        remove_unused_columns=False, max_grad_norm=0.0, use_cpu=True, seed=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator(tokenizer=tokenizer),
+                      processing_class=tokenizer)
+    trainer.train()
+    return {name: p.detach().clone() for name, p in model.named_parameters()}, trainer.state.log_history[0]["loss"]
+
+
+def test_one_step_is_the_same_however_records_are_grouped(tiny_model_dir, records, tmp_path):
+    """Packed 8 per row, padded 4 x 2 accumulation steps, padded 1 x 8: the same update, the same logged loss."""
+    from datasets import Dataset
+
+    dataset = Dataset.from_list(records[:8])
+    packed, packed_loss = one_sgd_step(tiny_model_dir, dataset, tmp_path / "a", DataCollatorForPackedCompletionOnlyLM, 8, 1)
+    padded, padded_loss = one_sgd_step(tiny_model_dir, dataset, tmp_path / "b", DataCollatorForCompletionOnlyLM, 4, 2)
+    single, single_loss = one_sgd_step(tiny_model_dir, dataset, tmp_path / "c", DataCollatorForCompletionOnlyLM, 1, 8)
+    assert padded_loss == pytest.approx(packed_loss, rel=1e-4)
+    assert single_loss == pytest.approx(packed_loss, rel=1e-4)
+    for name, weight in packed.items():
+        torch.testing.assert_close(padded[name], weight, atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(single[name], weight, atol=1e-5, rtol=1e-4, msg=name)
