@@ -7,6 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 
 from training.collators import DataCollatorForCompletionOnlyLM, DataCollatorForPackedCompletionOnlyLM
 from training.modeling import get_model_tokenizer
+from training.packed_attention import PACKED_SDPA, register_packed_sdpa, record_bounds
 from training.preprocess import IGNORE_INDEX, preprocess_dataset
 from training.trainer import supports_packing
 
@@ -37,14 +38,16 @@ def record_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+@pytest.mark.parametrize("attention", ["sdpa", PACKED_SDPA])
 @pytest.mark.parametrize("architecture", ["gpt_neox", "llama"])
-def test_each_record_in_a_packed_row_matches_the_record_alone(model_and_tokenizer, records, architecture):
+def test_each_record_in_a_packed_row_matches_the_record_alone(model_and_tokenizer, records, architecture, attention):
     model, tokenizer = model_and_tokenizer
     if architecture == "llama":
         model = tiny_llama(len(tokenizer))
+    model.set_attn_implementation(register_packed_sdpa() if attention == PACKED_SDPA else "sdpa")
     assert supports_packing(model)
     chosen = records[:4]
-    packed = DataCollatorForPackedCompletionOnlyLM(tokenizer=tokenizer)(chosen)
+    packed = DataCollatorForPackedCompletionOnlyLM(tokenizer=tokenizer, response_logits_only=False)(chosen)
     assert "attention_mask" not in packed and packed["input_ids"].shape[0] == 1
     with torch.no_grad():
         packed_logits = model(**{k: v for k, v in packed.items() if k != "labels"}).logits[0]
@@ -57,6 +60,19 @@ def test_each_record_in_a_packed_row_matches_the_record_alone(model_and_tokenize
             labels = torch.tensor(record["labels"])
             torch.testing.assert_close(record_loss(inside, labels), record_loss(alone, labels), atol=1e-3, rtol=1e-5)
             start += ids.shape[1]
+
+
+def test_response_only_logits_give_the_same_loss(model_and_tokenizer, records):
+    model, tokenizer = model_and_tokenizer
+    full = DataCollatorForPackedCompletionOnlyLM(tokenizer=tokenizer, response_logits_only=False)(records[:5])
+    trimmed = DataCollatorForPackedCompletionOnlyLM(tokenizer=tokenizer)(records[:5])
+    responses = int((full["labels"] != IGNORE_INDEX).sum())
+    assert trimmed["shift_labels"].shape[1] == responses == trimmed["logits_to_keep"].numel()
+    with torch.no_grad():
+        full_out = model(**full)
+        trimmed_out = model(**trimmed)
+    assert trimmed_out.logits.shape[1] == responses < full_out.logits.shape[1]
+    torch.testing.assert_close(trimmed_out.loss, full_out.loss, atol=1e-5, rtol=1e-5)
 
 
 def test_nothing_is_learned_across_a_record_boundary(model_and_tokenizer, records):
@@ -95,3 +111,8 @@ def test_one_step_is_the_same_however_records_are_grouped(tiny_model_dir, record
     for name, weight in packed.items():
         torch.testing.assert_close(padded[name], weight, atol=1e-5, rtol=1e-4, msg=name)
         torch.testing.assert_close(single[name], weight, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_record_bounds_follow_restarting_positions():
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    assert record_bounds(positions) == [(0, 3), (3, 5), (5, 9)]

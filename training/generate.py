@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .instruct_pipeline import InstructionTextGenerationPipeline, get_special_token_id
+from .lora import is_adapter_dir, load_adapter_model
 from .quantization import quantization_config
 
 __all__ = [
@@ -32,19 +33,23 @@ def load_model_tokenizer_for_generate(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a trained model and its tokenizer for generation (left padding, for batched prompts).
 
+    A full model folder or an adapter-only LoRA output (the base model it names is loaded, then the adapter).
     ``load_in_8bit``/``load_in_4bit`` quantize the weights with bitsandbytes to fit smaller GPUs.
     """
     logger.info("Loading %s for generation", pretrained_model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(
         pretrained_model_name_or_path, padding_side="left", trust_remote_code=trust_remote_code
     )
-    model = AutoModelForCausalLM.from_pretrained(
-        pretrained_model_name_or_path,
+    load_kwargs = dict(
         dtype=dtype,
         device_map=device_map,
         quantization_config=quantization_config(load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit),
         trust_remote_code=trust_remote_code,
     )
+    if is_adapter_dir(pretrained_model_name_or_path):
+        model = load_adapter_model(pretrained_model_name_or_path, tokenizer, **load_kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, **load_kwargs)
     model.eval()
     return model, tokenizer
 

@@ -36,14 +36,15 @@ def load_model(
     trust_remote_code: bool = False,
     **from_pretrained_kwargs,
 ) -> PreTrainedModel:
-    """Load a causal LM for training (the KV cache is off: it is useless in training and breaks packing)."""
+    """Load a causal LM for training (the KV cache is off: it is useless in training and breaks packing).
+
+    ``gradient_checkpointing`` is kept for Dolly's signature; the Trainer turns activation checkpointing on.
+    """
     logger.info("Loading model for %s", pretrained_model_name_or_path)
     model = AutoModelForCausalLM.from_pretrained(
         pretrained_model_name_or_path, trust_remote_code=trust_remote_code, **from_pretrained_kwargs
     )
     model.config.use_cache = False
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

@@ -24,6 +24,7 @@ PYTHIA_SHAPES: dict[str, dict[str, int]] = {
     "2.8b": {"hidden_size": 2560, "num_hidden_layers": 32, "num_attention_heads": 32, "intermediate_size": 10240},
 }
 PYTHIA_EOS = "<|endoftext|>"
+PYTHIA_VOCAB_MULTIPLE = 128
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
@@ -56,15 +57,25 @@ def pythia_config(shape: str, vocab_size: int, max_position_embeddings: int = 20
 
 
 def build_pythia_model(
-    out_dir: str | Path, texts: Iterable[str], shape: str = "tiny", vocab_size: int = 1024, seed: int = 0
+    out_dir: str | Path,
+    texts: Iterable[str] = (),
+    shape: str = "tiny",
+    vocab_size: int = 1024,
+    seed: int = 0,
+    tokenizer: PreTrainedTokenizerFast | None = None,
 ) -> Path:
-    """Write a random-initialised Pythia-shaped model and its tokenizer to ``out_dir``, ready for ``from_pretrained``."""
+    """Write a random-initialised Pythia-shaped model and its tokenizer to ``out_dir``, ready for ``from_pretrained``.
+
+    The tokenizer is trained on ``texts`` unless one is given (a real one, for models of real size).
+    """
     import torch
 
     out_dir = Path(out_dir)
-    tokenizer = train_bpe_tokenizer(texts, vocab_size=vocab_size)
+    tokenizer = tokenizer or train_bpe_tokenizer(texts, vocab_size=vocab_size)
     torch.manual_seed(seed)
-    model = GPTNeoXForCausalLM(pythia_config(shape, vocab_size=len(tokenizer)))
+    # Like Pythia (50,277 tokens in 50,304 rows), the embeddings are padded to a multiple of 128.
+    padded_vocab = -(-len(tokenizer) // PYTHIA_VOCAB_MULTIPLE) * PYTHIA_VOCAB_MULTIPLE
+    model = GPTNeoXForCausalLM(pythia_config(shape, vocab_size=padded_vocab))
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     logger.info("Built a %s Pythia-shaped model (%d parameters) in %s", shape, model.num_parameters(), out_dir)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from pathlib import Path
 
 import click
@@ -17,9 +18,12 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments, set_seed
 from .collators import DataCollatorForCompletionOnlyLM, DataCollatorForPackedCompletionOnlyLM
 from .consts import DEFAULT_INPUT_MODEL, DEFAULT_SEED, DEFAULT_TRAINING_DATASET
 from .data import load_training_dataset
+from .lora import LoraSettings, apply_lora, merge_adapter, MERGED_ADAPTER_SUBDIR
 from .distributed import accelerator_config_for
 from .modeling import choose_precision, get_model_tokenizer, load_model, load_tokenizer, model_max_length
+from .packed_attention import PACKED_SDPA, register_packed_sdpa
 from .preprocess import preprocess_batch, preprocess_dataset
+from .quantization import quantization_config
 from .saving import add_pipeline_to_config, copy_to_dir, prepare_output_dir, publish_dir, write_pipeline_code
 
 __all__ = [
@@ -37,8 +41,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # Attention implementations that read packed sequences from restarting position ids.
-PACKING_ATTENTION = {"sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"}
+PACKING_ATTENTION = {"sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention", PACKED_SDPA}
 STAGING_DIR_NAME = ".staging-final"
+TRAINING_LOG_NAME = "trainer_state.json"
 
 
 def parse_test_size(value: str | float | int) -> float | int:
@@ -53,10 +58,32 @@ def parse_test_size(value: str | float | int) -> float | int:
     return int(number)
 
 
+def unwrap(model: PreTrainedModel) -> PreTrainedModel:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def supports_packing(model: PreTrainedModel) -> bool:
     """Whether the model can train on packed rows: it takes position ids and its attention honours them."""
+    model = unwrap(model)
     takes_positions = "position_ids" in inspect.signature(model.forward).parameters
     return takes_positions and getattr(model.config, "_attn_implementation", None) in PACKING_ATTENTION
+
+
+def packing_collator(model: PreTrainedModel, tokenizer) -> DataCollatorForPackedCompletionOnlyLM | None:
+    """The packed collator, with per-record attention switched on where the model uses SDPA; None if unsupported."""
+    if not supports_packing(model):
+        return None
+    if unwrap(model).config._attn_implementation == "sdpa":
+        unwrap(model).set_attn_implementation(register_packed_sdpa())
+    return DataCollatorForPackedCompletionOnlyLM(tokenizer=tokenizer)
+
+
+def restore_attention(model: PreTrainedModel) -> None:
+    """Saved models use plain SDPA: the packed-row attention is a training-time choice."""
+    base = unwrap(model)
+    if base.config._attn_implementation == PACKED_SDPA:
+        base.set_attn_implementation("sdpa")
 
 
 def split_dataset(dataset: Dataset, test_size: float | int, seed: int) -> tuple[Dataset, Dataset | None]:
@@ -98,12 +125,33 @@ def train(
     resume: bool = False,
     overwrite_output_dir: bool = False,
     trust_remote_code: bool = False,
+    lora_r: int = 0,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.05,
+    lora_target_modules: str | tuple[str, ...] = (),
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
+    merge_lora: bool = True,
 ) -> Path:
     """Fine-tune ``input_model`` on ``training_dataset`` and save a pipeline-ready model to ``local_output_dir``.
 
-    ``local_rank`` is accepted for the DeepSpeed launcher; the process's rank is read from its environment.
+    With ``lora_r`` > 0 only LoRA adapters (and the new tokens' rows) train; ``load_in_4bit``/``load_in_8bit`` load
+    the frozen base quantized (QLoRA). ``merge_lora`` saves a plain merged model (with the adapter in ``adapter/``);
+    otherwise the output holds the adapter alone. ``local_rank`` is accepted for the DeepSpeed launcher; the
+    process's rank is read from its environment.
     """
     del local_rank
+    if isinstance(lora_target_modules, str):
+        lora_target_modules = tuple(m.strip() for m in lora_target_modules.split(",") if m.strip())
+    lora = LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=lora_target_modules)
+    quantization = quantization_config(load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
+    if quantization is not None and not lora.enabled:
+        raise ValueError("--load-in-4bit/--load-in-8bit train LoRA adapters on a frozen base: give --lora-r > 0")
+    if quantization is not None and deepspeed:
+        raise ValueError(
+            "ZeRO-3 cannot partition bitsandbytes weights: run QLoRA without --deepspeed "
+            "(the DeepSpeed launcher still starts one data-parallel rank per GPU)"
+        )
     output_dir = Path(local_output_dir)
     resume_from = prepare_output_dir(output_dir, resume=resume, overwrite=overwrite_output_dir)
     set_seed(seed)
@@ -123,8 +171,8 @@ def train(
         max_steps=max_steps,
         deepspeed=deepspeed,
         accelerator_config=accelerator_config_for(deepspeed),
-        gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        activation_checkpointing=gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
         logging_strategy="steps",
         logging_steps=logging_steps,
         eval_strategy="steps" if test_size else "no",
@@ -135,19 +183,24 @@ def train(
         load_best_model_at_end=False,
         report_to=["tensorboard"],
         remove_unused_columns=False,
+        prediction_loss_only=True,
         warmup_steps=warmup_steps or 0,
         seed=seed,
     )
+    load_kwargs = {}
+    if quantization is not None:
+        load_kwargs = {"quantization_config": quantization, "device_map": {"": training_args.device}}
     model, tokenizer = get_model_tokenizer(
-        input_model, gradient_checkpointing=gradient_checkpointing, trust_remote_code=trust_remote_code
+        input_model, gradient_checkpointing=gradient_checkpointing, trust_remote_code=trust_remote_code, **load_kwargs
     )
+    if lora.enabled:
+        model = apply_lora(model, tokenizer, lora, quantized=quantization is not None)
     max_length = max_length or model_max_length(model)
     dataset = preprocess_dataset(tokenizer=tokenizer, max_length=max_length, seed=seed, training_dataset=training_dataset)
     train_dataset, eval_dataset = split_dataset(dataset, test_size, seed)
 
-    if packing and supports_packing(model):
-        data_collator = DataCollatorForPackedCompletionOnlyLM(tokenizer=tokenizer)
-    else:
+    data_collator = packing_collator(model, tokenizer) if packing else None
+    if data_collator is None:
         if packing:
             logger.warning("This model cannot train on packed rows; grouping records of similar length instead")
             training_args.train_sampling_strategy = "group_by_length"
@@ -163,24 +216,44 @@ def train(
     )
     logger.info("Training")
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    restore_attention(model)
 
-    save_trained_model(trainer, tokenizer, output_dir)
+    save_trained_model(trainer, tokenizer, output_dir, merge_lora=merge_lora, trust_remote_code=trust_remote_code)
     if dbfs_output_dir and trainer.is_world_process_zero():
         copy_to_dir(output_dir, dbfs_output_dir)
     logger.info("Done.")
     return output_dir
 
 
-def save_trained_model(trainer: Trainer, tokenizer, output_dir: Path) -> None:
-    """Save model, tokenizer, generation config and pipeline code: staged first, then moved into place."""
-    add_pipeline_to_config(trainer.model, tokenizer)
+def save_trained_model(
+    trainer: Trainer, tokenizer, output_dir: Path, *, merge_lora: bool = True, trust_remote_code: bool = False
+) -> None:
+    """Save model, tokenizer, generation config and pipeline code: staged first, then moved into place.
+
+    A LoRA run saves its adapter; merged (the default), the output is a plain model with the adapter in ``adapter/``.
+    """
     staging = output_dir / STAGING_DIR_NAME
-    logger.info("Saving model to %s", output_dir)
+    is_lora = hasattr(trainer.model, "peft_config")
+    if not is_lora:
+        add_pipeline_to_config(trainer.model, tokenizer)
+    logger.info("Saving %s to %s", "adapter" if is_lora else "model", output_dir)
     trainer.save_model(output_dir=str(staging))  # collective under ZeRO-3: every rank takes part
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(staging)
+    if not trainer.is_world_process_zero():
+        return
+    tokenizer.save_pretrained(staging)
+    if is_lora and merge_lora:
+        merged_staging = output_dir / f"{STAGING_DIR_NAME}-merged"
+        merged = merge_adapter(staging, tokenizer, trust_remote_code=trust_remote_code)
+        add_pipeline_to_config(merged, tokenizer)
+        merged.save_pretrained(merged_staging)
+        tokenizer.save_pretrained(merged_staging)
+        write_pipeline_code(merged_staging)
+        os.replace(staging, merged_staging / MERGED_ADAPTER_SUBDIR)
+        staging = merged_staging
+    elif not is_lora:
         write_pipeline_code(staging)
-        publish_dir(staging, output_dir)
+    trainer.state.save_to_json(str(staging / TRAINING_LOG_NAME))  # the loss history, next to the model
+    publish_dir(staging, output_dir)
 
 
 @click.command()
@@ -231,6 +304,15 @@ def save_trained_model(trainer: Trainer, tokenizer, output_dir: Path) -> None:
 @click.option("--resume/--no-resume", default=False, help="Continue from the latest complete checkpoint.")
 @click.option("--overwrite-output-dir", is_flag=True, default=False, help="Start again in a non-empty output dir.")
 @click.option("--trust-remote-code", is_flag=True, default=False, help="Run code shipped with the model repo.")
+@click.option("--lora-r", type=int, default=0, help="LoRA rank; 0 (the default) fine-tunes every weight.")
+@click.option("--lora-alpha", type=int, default=32, help="LoRA scaling numerator (alpha / r).")
+@click.option("--lora-dropout", type=float, default=0.05, help="Dropout on the LoRA path.")
+@click.option(
+    "--lora-target-modules", type=str, default="", help="Comma-separated module names; default: per architecture."
+)
+@click.option("--load-in-4bit", is_flag=True, default=False, help="QLoRA: load the frozen base in 4-bit NF4.")
+@click.option("--load-in-8bit", is_flag=True, default=False, help="QLoRA: load the frozen base in 8-bit.")
+@click.option("--merge-lora/--no-merge-lora", default=True, help="Save a merged model (default) or the adapter only.")
 def main(**kwargs) -> None:
     """Fine-tune a causal LM on dolly-format instruction records."""
     kwargs["test_size"] = parse_test_size(kwargs["test_size"])

@@ -1,0 +1,175 @@
+"""Does the recipe teach the Dolly format and improve the model? Measured before and after fine-tuning.
+
+    python -m bench.quality [--input-model embedded|PATH] [--training-dataset FILE] [--quick]
+
+A fixed, seeded set of real dolly records is held out. On it, the untuned and the tuned model are measured:
+- response-only loss per token (the training masking and tokenization), overall and per category;
+- stop rate: the share of greedy generations (at most 128 new tokens) through our pipeline that end with
+  ``### End``. The untuned model is run with its own tokenizer, where ``### End`` is ordinary text found by the
+  pipeline's text fallback; the tuned model with the trained tokenizer, where it is the special token;
+- a few generations side by side.
+Writes bench/results/quality.json and a loss-curve PNG next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bench.common import RESULTS_DIR, default_dataset, machine, response_loss, split_records, tokenize_records, write_json
+from bench.throughput import resolve_model
+from training.generate import InstructionTextGenerationPipeline, load_model_tokenizer_for_generate
+from training.modeling import get_model_tokenizer, load_tokenizer
+from training.trainer import TRAINING_LOG_NAME, train
+
+logger = logging.getLogger(__name__)
+
+
+def generations(model, tokenizer, records: list[dict], max_new_tokens: int, batch_size: int = 8) -> list[dict]:
+    """Greedy answers through the pipeline, with why each one stopped."""
+    generator = InstructionTextGenerationPipeline(model=model, tokenizer=tokenizer)
+    inputs = [{"instruction": r["instruction"], "context": r["context"]} for r in records]
+    outputs = generator(inputs, batch_size=batch_size, do_sample=False, max_new_tokens=max_new_tokens,
+                        return_finish_reason=True)
+    return [{"text": out[0]["generated_text"], "finish_reason": out[0]["finish_reason"]} for out in outputs]
+
+
+def stop_rate(answers: list[dict]) -> float:
+    return sum(a["finish_reason"] == "end_key" for a in answers) / len(answers)
+
+
+def measure(model, loss_tokenizer, generation_tokenizer, eval_tok, stop_records, max_new_tokens) -> dict[str, Any]:
+    losses = response_loss(model, loss_tokenizer, eval_tok)
+    answers = generations(model, generation_tokenizer, stop_records, max_new_tokens)
+    return {"loss": losses, "answers": answers, "stop_rate": stop_rate(answers)}
+
+
+def draw_loss_curve(log_history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
+    fig, axis = plt.subplots(figsize=(6, 3.4))
+    axis.plot([p[0] for p in points], [p[1] for p in points], marker=".")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("training loss (per response token)")
+    axis.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input-model", default="embedded")
+    parser.add_argument("--training-dataset", default=default_dataset())
+    parser.add_argument("--eval-records", type=int, default=80)
+    parser.add_argument("--stop-records", type=int, default=40, help="held-out instructions for the stop rate")
+    parser.add_argument("--train-records", type=int, default=600)
+    parser.add_argument("--epochs", type=float, default=1)
+    parser.add_argument("--max-steps", type=int, default=-1)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument("--max-length", type=int, default=768)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--side-by-side", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--quick", action="store_true", help="a few records and steps: a smoke check, not a result")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "quality.json")
+    options = parser.parse_args(argv)
+    if options.quick:
+        options.eval_records, options.stop_records, options.train_records = 8, 4, 24
+        options.max_steps, options.max_new_tokens, options.side_by_side, options.warmup_steps = 3, 16, 2, 0
+    return options
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+    options = parse_args(argv)
+    started = time.perf_counter()
+    model_dir = resolve_model(options.input_model)
+    train_records, held_out = split_records(options.training_dataset, options.eval_records, options.train_records, options.seed)
+    stop_records = held_out[: options.stop_records]
+    trained_tokenizer = load_tokenizer(model_dir)
+    eval_tok = tokenize_records(held_out, trained_tokenizer, options.max_length)
+
+    # Before: losses on the training tokenization; generation with the base model's own tokenizer.
+    torch.manual_seed(options.seed)
+    base_model, base_tokenizer = get_model_tokenizer(model_dir, dtype=torch.float32)
+    plain_tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    plain_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    before = {
+        "loss": response_loss(base_model, base_tokenizer, eval_tok),
+        "answers": generations(plain_model, plain_tokenizer, stop_records, options.max_new_tokens),
+    }
+    before["stop_rate"] = stop_rate(before["answers"])
+    del base_model, plain_model
+
+    with tempfile.TemporaryDirectory() as scratch:
+        data_file = Path(scratch) / "train.jsonl"
+        data_file.write_text("".join(json.dumps(r) + "\n" for r in train_records))
+        output_dir = train(
+            input_model=model_dir, local_output_dir=str(Path(scratch) / "model"), training_dataset=str(data_file),
+            epochs=options.epochs, max_steps=options.max_steps, per_device_train_batch_size=options.batch_size,
+            test_size=0, lr=options.lr, warmup_steps=options.warmup_steps, max_length=options.max_length,
+            save_steps=100_000, logging_steps=5 if not options.quick else 1, seed=options.seed,
+            gradient_checkpointing=False,
+        )
+        log_history = json.loads((output_dir / TRAINING_LOG_NAME).read_text())["log_history"]
+        steps = max(entry["step"] for entry in log_history)
+        tuned_model, tuned_tokenizer = load_model_tokenizer_for_generate(str(output_dir), dtype=torch.float32, device_map="cpu")
+        after = measure(tuned_model, tuned_tokenizer, tuned_tokenizer, eval_tok, stop_records, options.max_new_tokens)
+
+    categories = sorted(k for k in before["loss"] if k != "overall")
+    payload: dict[str, Any] = {
+        "command": "python -m bench.quality " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "machine": machine(),
+        "model": options.input_model,
+        "training_dataset": Path(options.training_dataset).name,
+        "quick": options.quick,
+        "train_records": len(train_records),
+        "eval_records": len(eval_tok),
+        "stop_records": len(stop_records),
+        "steps": steps,
+        "lr": options.lr,
+        "batch_size": options.batch_size,
+        "eval_loss_before": before["loss"]["overall"]["loss"],
+        "eval_loss_after": after["loss"]["overall"]["loss"],
+        "eval_loss_change": after["loss"]["overall"]["loss"] / before["loss"]["overall"]["loss"] - 1,
+        "stop_rate_before": before["stop_rate"],
+        "stop_rate_after": after["stop_rate"],
+        "finish_reasons_after": {r: sum(a["finish_reason"] == r for a in after["answers"]) for r in ("end_key", "eos", "length")},
+        "per_category": {
+            c: {"records_tokens": before["loss"][c]["tokens"], "loss_before": before["loss"][c]["loss"],
+                "loss_after": after["loss"][c]["loss"]}
+            for c in categories
+        },
+        "side_by_side": [
+            {"instruction": r["instruction"], "context": r["context"][:200], "before": b["text"], "after": a["text"]}
+            for r, b, a in list(zip(stop_records, before["answers"], after["answers"]))[: options.side_by_side]
+        ],
+        "training_log": [{k: e[k] for k in ("step", "loss") if k in e} for e in log_history if "loss" in e],
+        "seconds": time.perf_counter() - started,
+    }
+    write_json(options.out, payload)
+    draw_loss_curve(log_history, options.out.with_name(options.out.stem + "_loss.png"),
+                    f"{options.input_model}: {len(train_records)} records, lr {options.lr}")
+    summary = {k: payload[k] for k in ("eval_loss_before", "eval_loss_after", "eval_loss_change", "stop_rate_before",
+                                        "stop_rate_after", "steps", "seconds")}
+    print(json.dumps(summary, indent=2))
+    return payload
+
+
+if __name__ == "__main__":
+    main()

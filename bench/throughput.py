@@ -1,0 +1,237 @@
+"""Training throughput: Dolly's original recipe, TRL's SFTTrainer with packing, and ours, on the same model and data.
+
+    python -m bench.throughput [--model embedded|pythia-410m|PATH] [--train-records 120] [--batch-size 6]
+
+Each arm trains one epoch on the same real dolly records (same tokens, same learning rate) in its own process, so
+peak memory is its own. Recorded per arm: useful tokens per second (tokens that are not padding), the padding
+fraction, peak memory, and the held-out response loss after training (measured the same way for every arm).
+Results go to bench/results/throughput.json and a bar chart next to it.
+
+- original: pad each random batch to its longest record (multiple of 8), Dolly's collator and sampler.
+- trl: trl.SFTTrainer with packing (best-fit decreasing, padding-free) and completion-only loss.
+- ours: this project's padding-free packing, one row per batch, loss per response token over the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.common import (
+    RESULTS_DIR,
+    as_dataset,
+    default_dataset,
+    machine,
+    peak_memory_bytes,
+    response_loss,
+    run_arms,
+    split_records,
+    tokenize_records,
+    write_json,
+)
+from training.collators import DataCollatorForCompletionOnlyLM
+from training.embedded import cache_root, embedded_model_dir
+from training.modeling import get_model_tokenizer
+from training.trainer import packing_collator
+
+logger = logging.getLogger(__name__)
+
+ARMS = ("original", "trl", "ours")
+# Dense bf16 peak FLOP/s, for model FLOPs utilisation on GPUs.
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10": 125e12, "L4": 121e12}
+
+
+class CountingCollator:
+    """Wraps a collator and counts the token positions it hands the model, and how many of them are real."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.positions = 0
+        self.useful = 0
+
+    def __call__(self, examples):
+        batch = self.inner(examples)
+        self.positions += batch["input_ids"].numel()
+        mask = batch.get("attention_mask")
+        self.useful += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        return batch
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def resolve_model(name: str) -> str:
+    """``embedded`` (SmolLM2-135M), ``pythia-<size>`` (random weights, SmolLM2's tokenizer), or a path or hub name."""
+    if name == "embedded":
+        return str(embedded_model_dir())
+    if name.startswith("pythia-"):
+        from transformers import AutoTokenizer
+
+        from training.synthetic import build_pythia_model
+
+        target = cache_root() / f"random-{name}"
+        if not (target / "config.json").exists():
+            tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
+            build_pythia_model(target, shape=name.removeprefix("pythia-"), tokenizer=tokenizer)
+        return str(target)
+    return name
+
+
+def training_arguments(output_dir: str, options: argparse.Namespace, batch_size: int):
+    from transformers import TrainingArguments
+
+    use_bf16 = options.bf16 and torch.cuda.is_available()
+    return dict(
+        output_dir=output_dir, per_device_train_batch_size=batch_size, num_train_epochs=1, learning_rate=options.lr,
+        lr_scheduler_type="constant", warmup_steps=0, report_to=[], save_strategy="no", logging_steps=5,
+        seed=options.seed, data_seed=options.seed, bf16=use_bf16, remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False,
+    ), TrainingArguments
+
+
+def run_arm(arm: str, options: argparse.Namespace) -> dict[str, Any]:
+    """Train one arm and measure it (runs in its own process)."""
+    model_dir = resolve_model(options.model)
+    torch.manual_seed(options.seed)
+    dtype = torch.bfloat16 if options.bf16 and torch.cuda.is_available() else torch.float32
+    model, tokenizer = get_model_tokenizer(model_dir, dtype=dtype, attn_implementation=options.attn_implementation)
+    if torch.cuda.is_available():
+        model.cuda()
+    train_records, eval_records = split_records(options.training_dataset, options.eval_records, options.train_records, options.seed)
+    train_tok = tokenize_records(train_records, tokenizer, options.max_length)
+    eval_tok = tokenize_records(eval_records, tokenizer, options.max_length)
+    record_tokens = sum(len(r["input_ids"]) for r in train_tok)
+    steps = -(-len(train_tok) // options.batch_size)
+    eval_loss_before = response_loss(model, tokenizer, eval_tok)["overall"]["loss"]
+
+    with tempfile.TemporaryDirectory() as scratch:
+        if arm == "trl":
+            from datasets import Dataset
+            from trl import SFTConfig, SFTTrainer
+
+            dataset = Dataset.from_list([
+                {"input_ids": r["input_ids"], "completion_mask": [int(label != -100) for label in r["labels"]]}
+                for r in train_tok
+            ])
+            kwargs, _ = training_arguments(scratch, options, batch_size=1)
+            # Rows as long as the tokens one of our batches holds on average, so both take similar optimizer steps.
+            config = SFTConfig(**kwargs, packing=True, completion_only_loss=True, max_length=-(-record_tokens // steps))
+            trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+        else:
+            from transformers import Trainer
+
+            kwargs, arguments = training_arguments(scratch, options, batch_size=options.batch_size)
+            if arm == "original":
+                inner = DataCollatorForCompletionOnlyLM(tokenizer=tokenizer, pad_to_multiple_of=8)
+            else:
+                inner = packing_collator(model, tokenizer)  # exactly what the trainer uses
+            trainer = Trainer(model=model, args=arguments(**kwargs), train_dataset=as_dataset(train_tok),
+                              data_collator=inner, processing_class=tokenizer)
+        counter = CountingCollator(trainer.data_collator)
+        trainer.data_collator = counter
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - started
+    peak = peak_memory_bytes()
+    tokens_per_second = counter.useful / seconds
+    result = {
+        "arm": arm,
+        "train_records": len(train_tok),
+        "useful_tokens": counter.useful,
+        "processed_positions": counter.positions,
+        "padding_fraction": 1 - counter.useful / counter.positions,
+        "optimizer_steps": trainer.state.global_step,
+        "seconds": seconds,
+        "useful_tokens_per_second": tokens_per_second,
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": "torch.cuda.max_memory_allocated" if torch.cuda.is_available() else "process max RSS",
+        "eval_loss_before": eval_loss_before,
+        "eval_loss": response_loss(model, tokenizer, eval_tok)["overall"]["loss"],
+        "eval_records": len(eval_tok),
+    }
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        peak_flops = next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
+        flops_per_token = 6 * model.num_parameters()
+        result["mfu"] = flops_per_token * tokens_per_second / peak_flops if peak_flops else None
+    return result
+
+
+def draw_chart(results: dict[str, dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(results)
+    fig, (speed, padding) = plt.subplots(1, 2, figsize=(9, 3.6))
+    speed.bar(arms, [results[a]["useful_tokens_per_second"] for a in arms], color=["#999999", "#4c72b0", "#dd8452"])
+    speed.set_title("useful tokens / second")
+    padding.bar(arms, [100 * results[a]["padding_fraction"] for a in arms], color=["#999999", "#4c72b0", "#dd8452"])
+    padding.set_title("padding (% of positions)")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--training-dataset", default=default_dataset())
+    parser.add_argument("--train-records", type=int, default=120)
+    parser.add_argument("--eval-records", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=6, help="records per optimizer step (Dolly's A100 value)")
+    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--bf16", action="store_true", help="bf16 on a GPU (ignored on CPU)")
+    parser.add_argument("--attn-implementation", default="sdpa")
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "throughput.json")
+    parser.add_argument("--run-arm", choices=ARMS, help=argparse.SUPPRESS)
+    parser.add_argument("--arm-result", type=Path, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+    options = parse_args(argv)
+    if options.run_arm:
+        write_json(options.arm_result, run_arm(options.run_arm, options))
+        return {}
+    resolve_model(options.model)  # build or convert once, before the arms start
+    forwarded, results = run_arms("bench.throughput", options.arms.split(","), argv)
+    payload: dict[str, Any] = {
+        "command": "python -m bench.throughput " + " ".join(forwarded),
+        "machine": machine(),
+        "model": options.model,
+        "training_dataset": Path(options.training_dataset).name,
+        "batch_size": options.batch_size,
+        "arms": results,
+    }
+    ours = results.get("ours", {}).get("useful_tokens_per_second")
+    for baseline in ("original", "trl"):
+        if ours and baseline in results:
+            payload[f"ratio_vs_{baseline}"] = ours / results[baseline]["useful_tokens_per_second"]
+    if "ours" in results and "original" in results:
+        payload["eval_loss_ours_vs_original"] = results["ours"]["eval_loss"] / results["original"]["eval_loss"] - 1
+    payload["eval_loss"] = {arm: r["eval_loss"] for arm, r in results.items()}
+    write_json(options.out, payload)
+    draw_chart(results, options.out.with_suffix(".png"), f"{options.model}, {payload['machine']}")
+    print(json.dumps({k: v for k, v in payload.items() if k != "arms"}, indent=2))
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""The benchmark scripts run end to end on a tiny model, so they cannot rot (no figures are asserted here)."""
+
+import json
+
+import pytest
+
+from bench import memory, quality, report, throughput
+
+pytestmark = pytest.mark.slow
+
+
+def test_quality_quick(tiny_model_dir, sample_path, tmp_path):
+    out = tmp_path / "quality.json"
+    quality.main(["--quick", "--input-model", str(tiny_model_dir), "--training-dataset", str(sample_path), "--out", str(out)])
+    result = json.loads(out.read_text())
+    for key in ("model", "train_records", "eval_records", "steps", "eval_loss_before", "eval_loss_after",
+                "stop_rate_before", "stop_rate_after", "per_category", "seconds"):
+        assert key in result, key
+    assert result["quick"] is True and result["steps"] == 3
+    assert 0 <= result["stop_rate_after"] <= 1
+    assert (tmp_path / "quality_loss.png").stat().st_size > 0
+
+
+def test_throughput_and_memory_small(tiny_model_dir, sample_path, tmp_path):
+    common = ["--model", str(tiny_model_dir), "--training-dataset", str(sample_path), "--train-records", "12",
+              "--batch-size", "4"]
+    speed = throughput.main(common + ["--eval-records", "4", "--out", str(tmp_path / "throughput.json")])
+    assert set(speed["arms"]) == {"original", "trl", "ours"}
+    assert speed["arms"]["ours"]["padding_fraction"] == 0
+    assert speed["arms"]["original"]["padding_fraction"] > 0
+    assert speed["arms"]["ours"]["useful_tokens"] == speed["arms"]["original"]["useful_tokens"]
+    assert {"ratio_vs_original", "ratio_vs_trl", "eval_loss"} <= set(speed)
+    assert (tmp_path / "throughput.png").exists()
+
+    mem = memory.main(common + ["--arms", "full,lora", "--out", str(tmp_path / "memory.json")])
+    for arm in ("full", "lora"):
+        assert mem[arm]["peak_memory_bytes"] > 0 and mem[arm]["tokens_per_second"] > 0
+    assert mem["lora"]["trainable_parameters"] < mem["full"]["trainable_parameters"]
+
+    readme = "a\n<!-- bench:throughput -->\nold\n<!-- /bench:throughput -->\n<!-- bench:quality -->\n<!-- /bench:quality -->\n"
+    rendered = report.render(readme, results_dir=tmp_path)
+    assert "old" not in rendered and "useful tokens/s" in rendered
+    assert "<!-- bench:quality -->\n<!-- /bench:quality -->" in rendered  # no result file, no figures

@@ -1,0 +1,99 @@
+"""LoRA as a first-class path: trains under the DeepSpeed launcher, saves merged and adapter-only, both reload."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, pipeline
+
+from helpers import PROJECT_ROOT, quick_training_args, run_trainer
+from training.consts import DOLLY_SPECIAL_TOKENS
+from training.generate import load_model_tokenizer_for_generate
+from training.lora import DEFAULT_TARGET_MODULES, LoraSettings, apply_lora, is_adapter_dir, new_token_rows
+from training.modeling import get_model_tokenizer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def lora_output(tiny_model_dir, sample_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora") / "out"
+    args = quick_training_args(
+        tiny_model_dir, sample_path, out, "--deepspeed", str(PROJECT_ROOT / "config/cpu_config.json"),
+        "--lora-r", "8", "--lora-alpha", "16", "--lr", "5e-2",
+    )
+    result = run_trainer(args, deepspeed_ranks=2)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return out
+
+
+def test_merged_output_is_a_plain_pipeline_model_and_keeps_its_adapter(lora_output, tiny_model_dir):
+    assert (lora_output / "config.json").exists() and not (lora_output / "adapter_config.json").exists()
+    assert is_adapter_dir(lora_output / "adapter")
+    adapter_config = json.loads((lora_output / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(tiny_model_dir)
+    assert set(adapter_config["target_modules"]) == set(DEFAULT_TARGET_MODULES["gpt_neox"])
+    generator = pipeline(model=str(lora_output), trust_remote_code=True)
+    assert type(generator).__name__ == "InstructionTextGenerationPipeline"
+    assert isinstance(generator("Hi?", max_new_tokens=3, do_sample=False)[0]["generated_text"], str)
+
+
+def test_merged_and_adapter_give_the_same_logits(lora_output):
+    merged, tokenizer = load_model_tokenizer_for_generate(str(lora_output), dtype=torch.float32, device_map="cpu")
+    adapted, adapter_tokenizer = load_model_tokenizer_for_generate(
+        str(lora_output / "adapter"), dtype=torch.float32, device_map="cpu"
+    )
+    assert type(adapted).__name__ == "PeftModelForCausalLM"
+    assert len(tokenizer) == len(adapter_tokenizer)
+    ids = tokenizer("### Instruction:\nName a fruit.\n\n### Response:\n", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_new_tokens_rows_were_learned_and_the_rest_stayed_frozen(lora_output, tiny_model_dir):
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    merged = load_file(str(lora_output / "model.safetensors"))
+    _, tokenizer = load_model_tokenizer_for_generate(str(lora_output), device_map="cpu")
+    new_ids = tokenizer.convert_tokens_to_ids(DOLLY_SPECIAL_TOKENS)
+    old_ids = [5, 100, 300]
+    for name in ("gpt_neox.embed_in.weight", "embed_out.weight"):
+        assert base[name].shape == merged[name].shape  # the tokens fit in Pythia's padded rows
+        for token in new_ids:
+            assert not torch.allclose(base[name][token], merged[name][token]), (name, token)
+        torch.testing.assert_close(base[name][old_ids], merged[name][old_ids])
+
+
+def test_adapter_only_output_when_not_merging(tiny_model_dir, sample_path, tmp_path):
+    out = tmp_path / "adapter-only"
+    result = run_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--lora-r", "4", "--no-merge-lora",
+                                             "--max-steps", "2", "--test-size", "0"))
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert is_adapter_dir(out) and (out / "tokenizer.json").exists()
+    model, _ = load_model_tokenizer_for_generate(str(out), device_map="cpu")
+    assert type(model).__name__ == "PeftModelForCausalLM"
+
+
+def test_llama_lora_targets_and_tied_embeddings(tiny_model_dir):
+    """A tied-embedding Llama trains only its input rows (the output is the same tensor)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tokenizer = get_model_tokenizer(str(tiny_model_dir))
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, tie_word_embeddings=True))
+    assert list(new_token_rows(model, tokenizer)) == ["embed_tokens"]
+    wrapped = apply_lora(model, tokenizer, LoraSettings(r=4))
+    trainable = {name for name, p in wrapped.named_parameters() if p.requires_grad}
+    assert any("q_proj.lora_A" in name for name in trainable) and any("down_proj.lora_B" in name for name in trainable)
+    assert any("trainable_tokens" in name for name in trainable)
+    assert not any(name.endswith("embed_tokens.weight") for name in trainable)
+
+
+def test_quantized_training_needs_lora_and_no_zero3(tiny_model_dir, sample_path, tmp_path):
+    from training.trainer import train
+
+    with pytest.raises(ValueError, match="give --lora-r > 0"):
+        train(input_model=str(tiny_model_dir), local_output_dir=str(tmp_path / "a"), load_in_8bit=True)
+    with pytest.raises(ValueError, match="ZeRO-3 cannot partition bitsandbytes weights"):
+        train(input_model=str(tiny_model_dir), local_output_dir=str(tmp_path / "b"), load_in_4bit=True, lora_r=8,
+              deepspeed=str(PROJECT_ROOT / "config/cpu_config.json"))
