@@ -83,8 +83,10 @@ command = deepspeed_command(
     paths=paths,
     num_gpus=widgets.get("num_gpus"),
     training_dataset=training_dataset,
+    finetuning=widgets.get("finetuning"),
 )
-print(f"Deepspeed config file: {command[command.index('--deepspeed') + 1]}")
+if "--deepspeed" in command:
+    print(f"Deepspeed config file: {command[command.index('--deepspeed') + 1]}")
 
 # COMMAND ----------
 

@@ -64,6 +64,18 @@ def test_dollys_recipe_on_gpus():
     assert (option(command, "--save-steps"), option(command, "--eval-steps"), option(command, "--test-size")) == ("200", "50", "200")
 
 
+@pytest.mark.parametrize("family", ["a10", "v100"])
+def test_lora_and_qlora_switches(family):
+    lora = deepspeed_command(input_model="EleutherAI/pythia-12b", gpu_family=family, paths=PATHS, finetuning="lora")
+    assert option(lora, "--lora-r") == "16" and "--deepspeed" in lora and "--load-in-4bit" not in lora
+    assert lora[len(lora) - 1 - lora[::-1].index("--lr") + 1] == "1e-4"  # the last --lr wins in click
+    qlora = deepspeed_command(input_model="EleutherAI/pythia-12b", gpu_family=family, paths=PATHS, finetuning="qlora")
+    assert "--load-in-4bit" in qlora and option(qlora, "--lora-r") == "16"
+    assert "--deepspeed" not in qlora  # ZeRO-3 cannot partition a 4-bit base
+    with pytest.raises(ValueError, match="unknown finetuning"):
+        deepspeed_command(input_model="m", gpu_family=family, paths=PATHS, finetuning="half")
+
+
 def test_unknown_family_is_rejected():
     with pytest.raises(ValueError, match="unknown gpu_family 'tpu'"):
         deepspeed_command(input_model="m", gpu_family="tpu", paths=PATHS)

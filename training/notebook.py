@@ -57,7 +57,17 @@ WIDGETS = [
     Widget("experiment_id", "", ""),
     Widget("gpu_family", "a100", "cpu", ("v100", "a10", "a100", "h100", "cpu"), "dropdown"),
     Widget("training_dataset", DEFAULT_TRAINING_DATASET, SAMPLE_DATASET),
+    Widget("finetuning", "full", "full", tuple(["full", "lora", "qlora"]), "dropdown"),
 ]
+
+# What each fine-tuning method adds to the trainer's command line. QLoRA's 4-bit base cannot be partitioned by
+# ZeRO-3, so it runs without a DeepSpeed config: one data-parallel process per GPU, each holding the 4-bit model.
+LORA_ARGS = ("--lora-r", "16", "--lora-alpha", "32", "--lr", "1e-4")
+FINETUNING_ARGS: dict[str, tuple[str, ...]] = {
+    "full": (),
+    "lora": LORA_ARGS,
+    "qlora": LORA_ARGS + ("--load-in-4bit",),
+}
 
 
 @dataclass(frozen=True)
@@ -190,11 +200,17 @@ def deepspeed_command(
     paths: RunPaths,
     num_gpus: str = "",
     training_dataset: str = DEFAULT_TRAINING_DATASET,
+    finetuning: str = "full",
     extra_args: tuple[str, ...] = (),
 ) -> list[str]:
-    """The ``deepspeed ... --module training.trainer ...`` command line for a GPU family."""
+    """The ``deepspeed ... --module training.trainer ...`` command line for a GPU family and fine-tuning method.
+
+    Later options win in click, so the method's learning rate replaces the family's.
+    """
     if gpu_family not in GPU_FAMILIES:
         raise ValueError(f"unknown gpu_family '{gpu_family}'; choose one of {', '.join(GPU_FAMILIES)}")
+    if finetuning not in FINETUNING_ARGS:
+        raise ValueError(f"unknown finetuning '{finetuning}'; choose one of {', '.join(FINETUNING_ARGS)}")
     family = GPU_FAMILIES[gpu_family]
     command = ["deepspeed"]
     if num_gpus:
@@ -202,7 +218,10 @@ def deepspeed_command(
     command += [
         "--module", "training.trainer",
         "--input-model", input_model,
-        "--deepspeed", str(PROJECT_ROOT / "config" / family.config_file),
+    ]
+    if finetuning != "qlora":
+        command += ["--deepspeed", str(PROJECT_ROOT / "config" / family.config_file)]
+    command += [
         "--training-dataset", training_dataset,
         "--epochs", str(family.epochs),
         "--local-output-dir", paths.local_output_dir,
@@ -222,7 +241,7 @@ def deepspeed_command(
     ]
     if family.bf16 is False:
         command += ["--bf16", "false"]
-    return command + list(family.extra_args) + list(extra_args)
+    return command + list(family.extra_args) + list(FINETUNING_ARGS[finetuning]) + list(extra_args)
 
 
 def launch_training(command: list[str]) -> None:
