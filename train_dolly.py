@@ -22,7 +22,6 @@
 # COMMAND ----------
 
 import logging
-import sys
 
 if "dbutils" not in globals() and __name__ == "__main__":
     # Outside Databricks: create .venv and install the requirements on first use, then continue inside it.

@@ -133,3 +133,20 @@ def run_arms(module: str, arms: list[str], argv: list[str] | None) -> tuple[list
             subprocess.run(command, check=True)
             results[arm] = json.loads(arm_file.read_text())
     return forwarded, results
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing to files only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path, title: str) -> None:
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)

@@ -35,8 +35,8 @@ from bench.common import (
 from bench.throughput import CountingCollator, resolve_model, training_arguments
 from training.lora import LoraSettings, apply_lora
 from training.modeling import get_model_tokenizer
+from training.packing import packing_collator
 from training.quantization import quantization_config
-from training.trainer import packing_collator
 
 logger = logging.getLogger(__name__)
 

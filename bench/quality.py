@@ -24,13 +24,28 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bench.common import RESULTS_DIR, default_dataset, machine, response_loss, split_records, tokenize_records, write_json
+from bench.common import (
+    RESULTS_DIR,
+    default_dataset,
+    machine,
+    pyplot,
+    response_loss,
+    save_figure,
+    split_records,
+    tokenize_records,
+    write_json,
+)
 from bench.throughput import resolve_model
+from training.consts import RESPONSE_KEY_NL
 from training.generate import InstructionTextGenerationPipeline, load_model_tokenizer_for_generate
 from training.modeling import get_model_tokenizer, load_tokenizer
+from training.prompts import format_training_text
 from training.trainer import TRAINING_LOG_NAME, train
 
 logger = logging.getLogger(__name__)
+
+# Dolly's pipeline default for max_new_tokens: a second stop rate for answers that are long by nature.
+LONG_BUDGET = 256
 
 
 def generations(model, tokenizer, records: list[dict], max_new_tokens: int, batch_size: int = 8) -> list[dict]:
@@ -53,20 +68,12 @@ def measure(model, loss_tokenizer, generation_tokenizer, eval_tok, stop_records,
 
 
 def draw_loss_curve(log_history: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     points = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
-    fig, axis = plt.subplots(figsize=(6, 3.4))
+    fig, axis = pyplot().subplots(figsize=(6, 3.4))
     axis.plot([p[0] for p in points], [p[1] for p in points], marker=".")
     axis.set_xlabel("optimizer step")
     axis.set_ylabel("training loss (per response token)")
-    axis.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -130,8 +137,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         steps = max(entry["step"] for entry in log_history)
         tuned_model, tuned_tokenizer = load_model_tokenizer_for_generate(str(output_dir), dtype=torch.float32, device_map="cpu")
         after = measure(tuned_model, tuned_tokenizer, tuned_tokenizer, eval_tok, stop_records, options.max_new_tokens)
+        # The same instructions with the pipeline's default budget, for answers that are long by nature.
+        long_budget = generations(tuned_model, tuned_tokenizer, stop_records, LONG_BUDGET)
 
     categories = sorted(k for k in before["loss"] if k != "overall")
+    reference_lengths = [
+        len(trained_tokenizer(format_training_text("", r["response"]).split(RESPONSE_KEY_NL, 1)[1])["input_ids"])
+        for r in stop_records
+    ]
     payload: dict[str, Any] = {
         "command": "python -m bench.quality " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
         "machine": machine(),
@@ -150,6 +163,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "stop_rate_before": before["stop_rate"],
         "stop_rate_after": after["stop_rate"],
         "finish_reasons_after": {r: sum(a["finish_reason"] == r for a in after["answers"]) for r in ("end_key", "eos", "length")},
+        # How many human reference answers (with "### End") would themselves fit in the budget.
+        "reference_fits_rate": sum(n <= options.max_new_tokens for n in reference_lengths) / len(stop_records),
+        f"stop_rate_after_{LONG_BUDGET}_tokens": stop_rate(long_budget),
+        "stop_details_after": [
+            {"category": r.get("category") or "unknown", "reference_tokens": n, "finish_reason": a["finish_reason"],
+             f"finish_reason_{LONG_BUDGET}_tokens": b["finish_reason"]}
+            for r, n, a, b in zip(stop_records, reference_lengths, after["answers"], long_budget)
+        ],
         "per_category": {
             c: {"records_tokens": before["loss"][c]["tokens"], "loss_before": before["loss"][c]["loss"],
                 "loss_after": after["loss"][c]["loss"]}

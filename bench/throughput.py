@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,8 +30,10 @@ from bench.common import (
     default_dataset,
     machine,
     peak_memory_bytes,
+    pyplot,
     response_loss,
     run_arms,
+    save_figure,
     split_records,
     tokenize_records,
     write_json,
@@ -40,7 +41,7 @@ from bench.common import (
 from training.collators import DataCollatorForCompletionOnlyLM
 from training.embedded import cache_root, embedded_model_dir
 from training.modeling import get_model_tokenizer
-from training.trainer import packing_collator
+from training.packing import packing_collator
 
 logger = logging.getLogger(__name__)
 
@@ -168,21 +169,13 @@ def run_arm(arm: str, options: argparse.Namespace) -> dict[str, Any]:
 
 
 def draw_chart(results: dict[str, dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     arms = list(results)
-    fig, (speed, padding) = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig, (speed, padding) = pyplot().subplots(1, 2, figsize=(9, 3.6))
     speed.bar(arms, [results[a]["useful_tokens_per_second"] for a in arms], color=["#999999", "#4c72b0", "#dd8452"])
     speed.set_title("useful tokens / second")
     padding.bar(arms, [100 * results[a]["padding_fraction"] for a in arms], color=["#999999", "#4c72b0", "#dd8452"])
     padding.set_title("padding (% of positions)")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -47,3 +47,15 @@ def test_precision_per_family():
     for offloaded in (a10, v100):
         assert offloaded["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert "offload_optimizer" not in a100["zero_optimization"]
+
+
+def test_lora_runs_use_the_same_config_at_zero_stage_2():
+    from training.deepspeed_config import deepspeed_config_for
+
+    a10 = str(CONFIG_DIR / "a10_config.json")
+    assert deepspeed_config_for(a10, lora=False) == a10
+    assert deepspeed_config_for(None, lora=True) is None
+    lora = deepspeed_config_for(a10, lora=True)
+    assert lora["zero_optimization"]["stage"] == 2
+    assert lora["zero_optimization"]["offload_optimizer"]["device"] == "cpu"  # everything else kept
+    assert DeepSpeedConfig(fill_auto(lora)).zero_optimization_stage == 2

@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, pipeline
-
 from helpers import PROJECT_ROOT, quick_training_args, run_trainer
-from training.consts import DOLLY_SPECIAL_TOKENS
+from safetensors.torch import load_file
+from transformers import pipeline
+
+from training.consts import END_KEY, RESPONSE_KEY_NL
 from training.generate import load_model_tokenizer_for_generate
 from training.lora import DEFAULT_TARGET_MODULES, LoraSettings, apply_lora, is_adapter_dir, new_token_rows
 from training.modeling import get_model_tokenizer
@@ -54,14 +54,21 @@ def test_merged_and_adapter_give_the_same_logits(lora_output):
 def test_new_tokens_rows_were_learned_and_the_rest_stayed_frozen(lora_output, tiny_model_dir):
     base = load_file(str(tiny_model_dir / "model.safetensors"))
     merged = load_file(str(lora_output / "model.safetensors"))
-    _, tokenizer = load_model_tokenizer_for_generate(str(lora_output), device_map="cpu")
-    new_ids = tokenizer.convert_tokens_to_ids(DOLLY_SPECIAL_TOKENS)
+    initial_model, tokenizer = get_model_tokenizer(str(tiny_model_dir))  # the rows as training started
+    initial = {
+        "gpt_neox.embed_in.weight": initial_model.get_input_embeddings().weight.detach(),
+        "embed_out.weight": initial_model.get_output_embeddings().weight.detach(),
+    }
+    end, instruction, response = tokenizer.convert_tokens_to_ids([END_KEY, "### Instruction:", RESPONSE_KEY_NL])
+    # What must learn: the prompt keys as inputs, and "### End" as a prediction. ("### End" is always a record's
+    # last token, so its input row gets no gradient at all.)
+    learned = {"gpt_neox.embed_in.weight": [instruction, response], "embed_out.weight": [end]}
     old_ids = [5, 100, 300]
-    for name in ("gpt_neox.embed_in.weight", "embed_out.weight"):
+    for name, rows in learned.items():
         assert base[name].shape == merged[name].shape  # the tokens fit in Pythia's padded rows
-        for token in new_ids:
-            assert not torch.allclose(base[name][token], merged[name][token]), (name, token)
-        torch.testing.assert_close(base[name][old_ids], merged[name][old_ids])
+        for token in rows:
+            assert not torch.allclose(initial[name][token], merged[name][token]), (name, token)
+        torch.testing.assert_close(base[name][old_ids], merged[name][old_ids])  # the rest stayed frozen
 
 
 def test_adapter_only_output_when_not_merging(tiny_model_dir, sample_path, tmp_path):
@@ -97,3 +104,16 @@ def test_quantized_training_needs_lora_and_no_zero3(tiny_model_dir, sample_path,
     with pytest.raises(ValueError, match="ZeRO-3 cannot partition bitsandbytes weights"):
         train(input_model=str(tiny_model_dir), local_output_dir=str(tmp_path / "b"), load_in_4bit=True, lora_r=8,
               deepspeed=str(PROJECT_ROOT / "config/cpu_config.json"))
+
+
+def test_qlora_trains_on_a_4bit_base_and_merges(tiny_model_dir, sample_path, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "qlora"
+    result = run_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--lora-r", "4", "--load-in-4bit",
+                                             "--max-steps", "2", "--test-size", "0"))
+    assert result.returncode == 0, result.stderr[-5000:]
+    merged, tokenizer = load_model_tokenizer_for_generate(str(out), dtype=torch.float32, device_map="cpu")
+    assert not any("4bit" in type(m).__name__ for m in merged.modules())  # merged into a full-precision base
+    quantized, _ = load_model_tokenizer_for_generate(str(out), load_in_4bit=True, device_map="cpu")
+    assert any("Linear4bit" in type(m).__name__ for m in quantized.modules())
+    assert is_adapter_dir(out / "adapter")

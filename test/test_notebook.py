@@ -7,12 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import PROJECT_ROOT, subprocess_env
+
 from training.notebook import (
     EXAMPLE_INSTRUCTIONS,
-    GPU_FAMILIES,
-    WIDGETS,
     NotebookWidgets,
     RunPaths,
     deepspeed_command,

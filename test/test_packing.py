@@ -7,9 +7,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 
 from training.collators import DataCollatorForCompletionOnlyLM, DataCollatorForPackedCompletionOnlyLM
 from training.modeling import get_model_tokenizer
-from training.packed_attention import PACKED_SDPA, register_packed_sdpa, record_bounds
+from training.packed_attention import PACKED_SDPA, record_bounds, register_packed_sdpa
+from training.packing import supports_packing
 from training.preprocess import IGNORE_INDEX, preprocess_dataset
-from training.trainer import supports_packing
 
 
 @pytest.fixture(scope="module")

@@ -113,3 +113,28 @@ def test_preprocess_accepts_an_in_memory_dataset(tokenizer):
     record = {"instruction": "Hi?", "context": "", "response": "Hello.", "category": ""}
     dataset = Dataset.from_list([{**record, "text": format_training_text("Hi?", "Hello.")}] * 3)
     assert preprocess_dataset(tokenizer, 2048, training_dataset=dataset).num_rows == 3
+
+
+def test_new_tokens_start_from_what_the_model_knows(tiny_model_dir, tmp_path):
+    """### End starts as EOS (input and output rows); the other keys as the mean of their sub-tokens."""
+    import torch
+
+    from training.modeling import get_model_tokenizer
+
+    model, tokenizer = get_model_tokenizer(str(tiny_model_dir))
+    inputs, outputs = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    end = tokenizer.convert_tokens_to_ids(END_KEY)
+    for matrix in (inputs, outputs):
+        torch.testing.assert_close(matrix[end], matrix[tokenizer.eos_token_id])
+        key = tokenizer.convert_tokens_to_ids(RESPONSE_KEY_NL)
+        pieces = tokenizer(RESPONSE_KEY_NL, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        assert len(pieces) > 1
+        torch.testing.assert_close(matrix[key], matrix[pieces].mean(dim=0))
+
+    # A model whose tokenizer already has the keys (a Dolly model) keeps its trained rows.
+    with torch.no_grad():
+        inputs[end] += 1.0
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    reloaded, _ = get_model_tokenizer(str(tmp_path))
+    torch.testing.assert_close(reloaded.get_input_embeddings().weight[end], inputs[end])

@@ -1,11 +1,13 @@
 """The trainer as users run it: the CLI, under the DeepSpeed launcher, then the saved model through a pipeline."""
 
 import json
+import subprocess
+import sys
 
 import pytest
+from helpers import PROJECT_ROOT, quick_training_args, run_trainer, subprocess_env
 from transformers import pipeline
 
-from helpers import PROJECT_ROOT, quick_training_args, run_trainer
 from training.trainer import parse_test_size
 
 pytestmark = pytest.mark.slow
@@ -37,6 +39,13 @@ def test_deepspeed_zero3_two_cpu_ranks_train_save_and_answer(tiny_model_dir, sam
     generation_config = json.loads((out / "generation_config.json").read_text())
     end_id = generator.tokenizer.convert_tokens_to_ids("### End")
     assert end_id in generation_config["eos_token_id"]
+
+    # The examples answer with any trained model folder.
+    for example in ("generation.py", "pipeline.py"):
+        ran = subprocess.run([sys.executable, str(PROJECT_ROOT / "examples" / example), str(out)], cwd=PROJECT_ROOT,
+                             env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        assert ran.returncode == 0, ran.stderr[-3000:]
+        assert ran.stdout.count("Instruction:") == 2
 
 
 def test_existing_output_is_not_overwritten_and_resume_continues(tiny_model_dir, sample_path, tmp_path):

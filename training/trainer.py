@@ -6,22 +6,22 @@ The public names of Dolly's ``training/trainer.py`` are kept here, so code writt
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 from pathlib import Path
 
 import click
 from datasets import Dataset
-from transformers import PreTrainedModel, Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainingArguments, set_seed
 
 from .collators import DataCollatorForCompletionOnlyLM, DataCollatorForPackedCompletionOnlyLM
 from .consts import DEFAULT_INPUT_MODEL, DEFAULT_SEED, DEFAULT_TRAINING_DATASET
 from .data import load_training_dataset
-from .lora import LoraSettings, apply_lora, merge_adapter, MERGED_ADAPTER_SUBDIR
+from .deepspeed_config import deepspeed_config_for
 from .distributed import accelerator_config_for
+from .lora import MERGED_ADAPTER_SUBDIR, LoraSettings, apply_lora, merge_adapter
 from .modeling import choose_precision, get_model_tokenizer, load_model, load_tokenizer, model_max_length
-from .packed_attention import PACKED_SDPA, register_packed_sdpa
+from .packing import packing_collator, restore_attention
 from .preprocess import preprocess_batch, preprocess_dataset
 from .quantization import quantization_config
 from .saving import add_pipeline_to_config, copy_to_dir, prepare_output_dir, publish_dir, write_pipeline_code
@@ -40,8 +40,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Attention implementations that read packed sequences from restarting position ids.
-PACKING_ATTENTION = {"sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention", PACKED_SDPA}
 STAGING_DIR_NAME = ".staging-final"
 TRAINING_LOG_NAME = "trainer_state.json"
 
@@ -56,34 +54,6 @@ def parse_test_size(value: str | float | int) -> float | int:
     if number != int(number):
         raise ValueError(f"--test-size must be a whole count or a ratio below 1, got {value}")
     return int(number)
-
-
-def unwrap(model: PreTrainedModel) -> PreTrainedModel:
-    """The transformers model inside a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def supports_packing(model: PreTrainedModel) -> bool:
-    """Whether the model can train on packed rows: it takes position ids and its attention honours them."""
-    model = unwrap(model)
-    takes_positions = "position_ids" in inspect.signature(model.forward).parameters
-    return takes_positions and getattr(model.config, "_attn_implementation", None) in PACKING_ATTENTION
-
-
-def packing_collator(model: PreTrainedModel, tokenizer) -> DataCollatorForPackedCompletionOnlyLM | None:
-    """The packed collator, with per-record attention switched on where the model uses SDPA; None if unsupported."""
-    if not supports_packing(model):
-        return None
-    if unwrap(model).config._attn_implementation == "sdpa":
-        unwrap(model).set_attn_implementation(register_packed_sdpa())
-    return DataCollatorForPackedCompletionOnlyLM(tokenizer=tokenizer)
-
-
-def restore_attention(model: PreTrainedModel) -> None:
-    """Saved models use plain SDPA: the packed-row attention is a training-time choice."""
-    base = unwrap(model)
-    if base.config._attn_implementation == PACKED_SDPA:
-        base.set_attn_implementation("sdpa")
 
 
 def split_dataset(dataset: Dataset, test_size: float | int, seed: int) -> tuple[Dataset, Dataset | None]:
@@ -169,7 +139,7 @@ def train(
         learning_rate=lr,
         num_train_epochs=epochs,
         max_steps=max_steps,
-        deepspeed=deepspeed,
+        deepspeed=deepspeed_config_for(deepspeed, lora=lora.enabled),
         accelerator_config=accelerator_config_for(deepspeed),
         activation_checkpointing=gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
