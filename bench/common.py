@@ -108,6 +108,7 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
         json.dump(payload, handle, indent=2)
         handle.write("\n")
+    os.chmod(handle.name, 0o644)
     os.replace(handle.name, path)
 
 

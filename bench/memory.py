@@ -4,7 +4,8 @@
 
 Each arm trains in its own process (so its peak memory is its own) with this project's packed batches:
 - full: every weight trains (AdamW states for all of them);
-- lora: rank-16 adapters on the attention and MLP projections, plus the new tokens' rows;
+- lora: rank-16 adapters on the attention and MLP projections, plus the new tokens' rows (no dropout, the
+  trainer's default; ``--lora-dropout`` to compare);
 - qlora: the same adapters on a base loaded in 4-bit NF4 through bitsandbytes (8-bit where 4-bit is unavailable).
 Writes bench/results/memory.json with ``peak_memory_bytes`` and ``tokens_per_second`` per arm. On CPU, peak memory
 is the process's maximum resident set; on a GPU, torch's peak allocated memory.
@@ -53,7 +54,8 @@ def load_arm_model(arm: str, model_dir: str, options: argparse.Namespace):
     if torch.cuda.is_available() and arm != "qlora":
         model.cuda()
     if arm != "full":
-        model = apply_lora(model, tokenizer, LoraSettings(r=options.lora_r, alpha=2 * options.lora_r), quantized=arm == "qlora")
+        settings = LoraSettings(r=options.lora_r, alpha=2 * options.lora_r, dropout=options.lora_dropout)
+        model = apply_lora(model, tokenizer, settings, quantized=arm == "qlora")
     return model, tokenizer
 
 
@@ -97,6 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--lora-dropout", type=float, default=0.0)
     parser.add_argument("--qlora-8bit", action="store_true", help="quantize the QLoRA base to 8-bit instead of 4-bit")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--bf16", action="store_true", help="bf16 on a GPU (ignored on CPU)")

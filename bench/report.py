@@ -46,6 +46,16 @@ def quality_section(r: dict[str, Any]) -> str:
         f"| response loss per token | {r['eval_loss_before']:.3f} | {r['eval_loss_after']:.3f} "
         f"({100 * r['eval_loss_change']:+.1f}%) |",
         f"| stop rate (ends with `### End`) | {r['stop_rate_before']:.2f} | {r['stop_rate_after']:.2f} |",
+    ]
+    if "reference_fits_rate" in r:
+        lines += [
+            f"| stop rate within 256 new tokens (Dolly's pipeline default) | | "
+            f"{r['stop_rate_after_256_tokens']:.2f} |",
+            "",
+            f"Of the held-out human answers, {100 * r['reference_fits_rate']:.0f}% fit in 128 tokens themselves; "
+            "the answers that did not stop are listed in the result file (`stop_details_after`).",
+        ]
+    lines += [
         "",
         "| category | loss before | loss after |",
         "|---|---|---|",
@@ -59,6 +69,26 @@ def quality_section(r: dict[str, Any]) -> str:
             f"  - after: {shorten(example['after'])}",
         ]
     lines += ["", "![training loss](bench/results/quality_loss.png)", "", provenance(r)]
+    ablation = RESULTS_DIR / "quality_mean_init.json"
+    if ablation.exists():
+        a = json.loads(ablation.read_text())
+        lines += [
+            "",
+            "What made the difference. The same benchmark with the new tokens' rows left at transformers' default "
+            "(the mean embedding) learned the loss just as well but never stopped: "
+            f"loss {a['eval_loss_before']:.3f} → {a['eval_loss_after']:.3f}, stop rate {a['stop_rate_after']:.2f} "
+            f"after {a['steps']} steps (`bench/results/quality_mean_init.json`, `{a['command'].strip()}` before "
+            "the change). `### End` now starts from the EOS token's rows and the other keys from the mean of their "
+            "sub-tokens (`training/modeling.py`).",
+        ]
+        same_steps = RESULTS_DIR / "quality_eos_init_1epoch.json"
+        if same_steps.exists():
+            b = json.loads(same_steps.read_text())
+            lines[-1] += (
+                f" With that alone, the same {b['steps']} steps reached stop rate {b['stop_rate_after']:.2f} "
+                f"(loss {b['eval_loss_before']:.3f} → {b['eval_loss_after']:.3f}, "
+                "`bench/results/quality_eos_init_1epoch.json`); the table above trains two epochs."
+            )
     return "\n".join(lines)
 
 
@@ -107,6 +137,35 @@ def memory_section(r: dict[str, Any]) -> str:
             label = f"{name} ({a['quantization']})" if a.get("quantization") else name
             lines.append(f"| {label} | {gib(a['peak_memory_bytes'])} | {a['tokens_per_second']:.0f} | "
                          f"{a['trainable_parameters']:,} of {a['total_parameters']:,} |")
+    if "lora_peak_vs_full" in r:
+        lines += ["", f"LoRA's peak is {100 * r['lora_peak_vs_full']:.0f}% of full fine-tuning's."]
+    small = RESULTS_DIR / "memory_smollm2.json"
+    if small.exists():
+        m = json.loads(small.read_text())
+        peaks = ", ".join(f"{arm} {gib(m[arm]['peak_memory_bytes'])}" for arm in ("full", "lora", "qlora") if arm in m)
+        lines += [
+            f"On {model_label(m['model'])} the three peaks are nearly equal ({peaks}; `{m['command'].strip()}`, "
+            "`bench/results/memory_smollm2.json`): at that size activations, not weights and optimizer states, "
+            "set the peak.",
+        ]
+    dropout = RESULTS_DIR / "memory_lora_dropout.json"
+    if dropout.exists():
+        dropout_result = json.loads(dropout.read_text())
+        d = dropout_result["lora"]
+        lines += [
+            f"With dropout on the LoRA path (`{dropout_result['command'].strip()}`), LoRA peaked at "
+            f"{gib(d['peak_memory_bytes'])} at {d['tokens_per_second']:.0f} tokens/s on {model_label(dropout_result['model'])}: "
+            "dropout keeps a copy of every adapted layer's input for the backward pass. That is why the trainer's "
+            "default is no dropout.",
+        ]
+    if r.get("peak_memory_kind", "").startswith("process") or "CPU" in r["machine"]:
+        lines += [
+            "",
+            "On CPU, peak memory is the process's maximum resident set (weights, optimizer states, activations and "
+            "allocator slack). A 135M model's activations outweigh its weights, so the saving from freezing or "
+            "quantizing the weights is small here; on billion-parameter models the weight and optimizer terms "
+            "dominate (table above). bitsandbytes on CPU dequantizes 4-bit weights for each matrix product.",
+        ]
     lines += ["", provenance(r)]
     return "\n".join(lines)
 

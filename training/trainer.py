@@ -97,7 +97,7 @@ def train(
     trust_remote_code: bool = False,
     lora_r: int = 0,
     lora_alpha: int = 32,
-    lora_dropout: float = 0.05,
+    lora_dropout: float = 0.0,
     lora_target_modules: str | tuple[str, ...] = (),
     load_in_4bit: bool = False,
     load_in_8bit: bool = False,
@@ -276,7 +276,7 @@ def save_trained_model(
 @click.option("--trust-remote-code", is_flag=True, default=False, help="Run code shipped with the model repo.")
 @click.option("--lora-r", type=int, default=0, help="LoRA rank; 0 (the default) fine-tunes every weight.")
 @click.option("--lora-alpha", type=int, default=32, help="LoRA scaling numerator (alpha / r).")
-@click.option("--lora-dropout", type=float, default=0.05, help="Dropout on the LoRA path.")
+@click.option("--lora-dropout", type=float, default=0.0, help="Dropout on the LoRA path (costs activation memory).")
 @click.option(
     "--lora-target-modules", type=str, default="", help="Comma-separated module names; default: per architecture."
 )
