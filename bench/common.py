@@ -10,6 +10,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,15 @@ def peak_memory_bytes() -> int:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def timed_training(trainer) -> float:
+    """Train, and return the seconds it took (peak GPU memory counted from here)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    trainer.train()
+    return time.perf_counter() - started
 
 
 def run_arms(module: str, arms: list[str], argv: list[str] | None) -> tuple[list[str], dict[str, dict]]:

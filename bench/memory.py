@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from bench.common import (
     peak_memory_bytes,
     run_arms,
     split_records,
+    timed_training,
     tokenize_records,
     write_json,
 )
@@ -60,22 +60,18 @@ def load_arm_model(arm: str, model_dir: str, options: argparse.Namespace):
 
 
 def run_arm(arm: str, options: argparse.Namespace) -> dict[str, Any]:
-    from transformers import Trainer
+    from transformers import Trainer, TrainingArguments
 
     torch.manual_seed(options.seed)
     model, tokenizer = load_arm_model(arm, resolve_model(options.model), options)
     train_records, _ = split_records(options.training_dataset, 1, options.train_records, options.seed)
     dataset = as_dataset(tokenize_records(train_records, tokenizer, options.max_length))
     with tempfile.TemporaryDirectory() as scratch:
-        kwargs, arguments = training_arguments(scratch, options, batch_size=options.batch_size)
         counter = CountingCollator(packing_collator(model, tokenizer))
-        trainer = Trainer(model=model, args=arguments(**kwargs), train_dataset=dataset, data_collator=counter,
+        arguments = TrainingArguments(**training_arguments(scratch, options, batch_size=options.batch_size))
+        trainer = Trainer(model=model, args=arguments, train_dataset=dataset, data_collator=counter,
                           processing_class=tokenizer)
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        started = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - started
+        seconds = timed_training(trainer)
     trainable, total = (model.get_nb_trainable_parameters() if hasattr(model, "get_nb_trainable_parameters")
                         else (model.num_parameters(), model.num_parameters()))
     return {

@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from bench.common import (
     run_arms,
     save_figure,
     split_records,
+    timed_training,
     tokenize_records,
     write_json,
 )
@@ -86,16 +86,15 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def training_arguments(output_dir: str, options: argparse.Namespace, batch_size: int):
-    from transformers import TrainingArguments
-
+def training_arguments(output_dir: str, options: argparse.Namespace, batch_size: int) -> dict[str, Any]:
+    """The Trainer settings every arm shares (TRL's SFTConfig takes them too)."""
     use_bf16 = options.bf16 and torch.cuda.is_available()
     return dict(
         output_dir=output_dir, per_device_train_batch_size=batch_size, num_train_epochs=1, learning_rate=options.lr,
         lr_scheduler_type="constant", warmup_steps=0, report_to=[], save_strategy="no", logging_steps=5,
         seed=options.seed, data_seed=options.seed, bf16=use_bf16, remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False,
-    ), TrainingArguments
+        use_cpu=not torch.cuda.is_available(), activation_checkpointing=False,
+    )
 
 
 def run_arm(arm: str, options: argparse.Namespace) -> dict[str, Any]:
@@ -122,27 +121,23 @@ def run_arm(arm: str, options: argparse.Namespace) -> dict[str, Any]:
                 {"input_ids": r["input_ids"], "completion_mask": [int(label != -100) for label in r["labels"]]}
                 for r in train_tok
             ])
-            kwargs, _ = training_arguments(scratch, options, batch_size=1)
+            kwargs = training_arguments(scratch, options, batch_size=1)
             # Rows as long as the tokens one of our batches holds on average, so both take similar optimizer steps.
             config = SFTConfig(**kwargs, packing=True, completion_only_loss=True, max_length=-(-record_tokens // steps))
             trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
         else:
-            from transformers import Trainer
+            from transformers import Trainer, TrainingArguments
 
-            kwargs, arguments = training_arguments(scratch, options, batch_size=options.batch_size)
+            kwargs = training_arguments(scratch, options, batch_size=options.batch_size)
             if arm == "original":
                 inner = DataCollatorForCompletionOnlyLM(tokenizer=tokenizer, pad_to_multiple_of=8)
             else:
                 inner = packing_collator(model, tokenizer)  # exactly what the trainer uses
-            trainer = Trainer(model=model, args=arguments(**kwargs), train_dataset=as_dataset(train_tok),
+            trainer = Trainer(model=model, args=TrainingArguments(**kwargs), train_dataset=as_dataset(train_tok),
                               data_collator=inner, processing_class=tokenizer)
         counter = CountingCollator(trainer.data_collator)
         trainer.data_collator = counter
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        started = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - started
+        seconds = timed_training(trainer)
     peak = peak_memory_bytes()
     tokens_per_second = counter.useful / seconds
     result = {
