@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for r in stop_records
     ]
     payload: dict[str, Any] = {
-        "command": "python -m bench.quality " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "command": "python -m bench.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(),
         "model": options.input_model,
         "training_dataset": Path(options.training_dataset).name,

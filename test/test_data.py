@@ -63,6 +63,8 @@ def test_parquet_and_saved_folder_are_read_and_checked(tmp_path):
 def test_missing_local_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="training dataset not found"):
         read_records(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(FileNotFoundError, match="training dataset not found: data/nope.jsonl"):
+        read_records("data/nope.jsonl")  # relative, and shaped like a hub name: still a local file
 
 
 def test_unsupported_file_type(tmp_path):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -22,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 REQUIRED_FIELDS = ("instruction", "response")
 OPTIONAL_FIELDS = ("context", "category")
-LOCAL_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+LOCAL_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 class DatasetRecordError(ValueError):
@@ -105,7 +104,7 @@ def _raw_records(path_or_dataset: str) -> Iterator[tuple[str, Any]]:
         else:
             dataset = load_dataset(str(path), split="train")
         yield from _read_dataset(dataset, str(path))
-    elif os.path.sep in path_or_dataset and not path.exists() and path_or_dataset.startswith((".", "/")):
+    elif path.suffix.lower() in LOCAL_FILE_SUFFIXES or path_or_dataset.startswith((".", "/")):
         raise FileNotFoundError(f"training dataset not found: {path_or_dataset}")
     else:
         yield from _read_dataset(load_dataset(path_or_dataset, split="train"), path_or_dataset)

@@ -39,27 +39,6 @@ EXAMPLE_INSTRUCTIONS = [
     "Give me a list of 5 science fiction books I should read next.",
 ]
 
-
-@dataclass(frozen=True)
-class Widget:
-    name: str
-    databricks_default: str
-    local_default: str
-    choices: tuple[str, ...] = ()
-    kind: str = "text"  # text, combobox or dropdown, as in dbutils.widgets
-
-
-WIDGETS = [
-    Widget("input_model", DEFAULT_INPUT_MODEL, EMBEDDED_MODEL, tuple(SUGGESTED_INPUT_MODELS), "combobox"),
-    Widget("num_gpus", "", "2"),
-    Widget("local_training_root", "", ""),
-    Widget("dbfs_output_root", "", ""),
-    Widget("experiment_id", "", ""),
-    Widget("gpu_family", "a100", "cpu", ("v100", "a10", "a100", "h100", "cpu"), "dropdown"),
-    Widget("training_dataset", DEFAULT_TRAINING_DATASET, SAMPLE_DATASET),
-    Widget("finetuning", "full", "full", tuple(["full", "lora", "qlora"]), "dropdown"),
-]
-
 # What each fine-tuning method adds to the trainer's command line. QLoRA's 4-bit base cannot be partitioned by
 # ZeRO-3, so it runs without a DeepSpeed config: one data-parallel process per GPU, each holding the 4-bit model.
 LORA_ARGS = ("--lora-r", "16", "--lora-alpha", "32", "--lr", "1e-4")
@@ -101,6 +80,29 @@ GPU_FAMILIES: dict[str, FamilySettings] = {
         extra_args=("--max-length", "512"),
     ),
 }
+
+
+@dataclass(frozen=True)
+class Widget:
+    name: str
+    databricks_default: str
+    local_default: str
+    choices: tuple[str, ...] = ()
+    kind: str = "text"  # text, combobox or dropdown, as in dbutils.widgets
+
+
+WIDGETS = [
+    Widget("input_model", DEFAULT_INPUT_MODEL, EMBEDDED_MODEL, tuple(SUGGESTED_INPUT_MODELS), "combobox"),
+    Widget("num_gpus", "", "2"),
+    Widget("local_training_root", "", ""),
+    Widget("dbfs_output_root", "", ""),
+    Widget("experiment_id", "", ""),
+    Widget("gpu_family", "a100", "cpu", tuple(GPU_FAMILIES), "dropdown"),
+    Widget("training_dataset", DEFAULT_TRAINING_DATASET, SAMPLE_DATASET),
+    Widget("finetuning", "full", "full", tuple(FINETUNING_ARGS), "dropdown"),
+]
+
+
 
 
 def on_databricks(namespace: dict[str, Any]) -> bool:
