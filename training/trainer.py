@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import click
+import torch
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments, set_seed
 
@@ -191,6 +192,7 @@ def train(
     save_trained_model(trainer, tokenizer, output_dir, merge_lora=merge_lora, trust_remote_code=trust_remote_code)
     if dbfs_output_dir and trainer.is_world_process_zero():
         copy_to_dir(output_dir, dbfs_output_dir)
+    trainer.accelerator.wait_for_everyone()  # no rank leaves while rank 0 is still writing
     logger.info("Done.")
     return output_dir
 
@@ -286,7 +288,12 @@ def save_trained_model(
 def main(**kwargs) -> None:
     """Fine-tune a causal LM on dolly-format instruction records."""
     kwargs["test_size"] = parse_test_size(kwargs["test_size"])
-    train(**kwargs)
+    try:
+        train(**kwargs)
+    finally:
+        # Leave the process group cleanly: a rank exiting with it still open can abort its peers' teardown.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
