@@ -170,10 +170,23 @@ def memory_section(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def launcher_exits_section(r: dict[str, Any]) -> str:
+    codes = ", ".join(str(run["exit_code"]) for run in r["runs"])
+    aborted = sum(1 for run in r["runs"] if run["aborted"])
+    return "\n".join([
+        f"**{r['zero_exits_with_model']} of {r['total']}** launches of `deepspeed --num_gpus {r['ranks']}` "
+        f"(ZeRO-3, CPU ranks, tiny GPT-NeoX, 3 steps with an evaluation and a checkpoint) exited 0 with a finished "
+        f"model; ranks that aborted: {aborted}. Launcher exit codes in order: {codes}.",
+        "",
+        provenance(r),
+    ])
+
+
 SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "quality": quality_section,
     "throughput": throughput_section,
     "memory": memory_section,
+    "launcher_exits": launcher_exits_section,
 }
 
 

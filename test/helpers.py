@@ -3,29 +3,53 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+TEST_DIR = Path(__file__).resolve().parent
 
 
-def subprocess_env() -> dict[str, str]:
+def subprocess_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(PROJECT_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), str(TEST_DIR), env.get("PYTHONPATH", "")])
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["PYTHONFAULTHANDLER"] = "1"  # a rank that aborts leaves its stacks in the output
+    env.update(extra)
     return env
 
 
-def run_trainer(args: list[str], *, deepspeed_ranks: int | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python -m training.trainer ARGS``, or under ``deepspeed --num_gpus N`` when ``deepspeed_ranks`` is given."""
+def free_port() -> int:
+    """A free TCP port on the loopback address, for a launcher's rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def trainer_command(args: list[str], *, deepspeed_ranks: int | None = None, module: str = "training.trainer") -> list[str]:
+    """``python -m MODULE ARGS``, or under ``deepspeed --num_gpus N`` (on a free port) when ``deepspeed_ranks`` is given."""
     if deepspeed_ranks:
-        launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(deepspeed_ranks)]
-        command = launcher + ["--module", "training.trainer"] + args
-    else:
-        command = [sys.executable, "-m", "training.trainer"] + args
+        launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(deepspeed_ranks),
+                    "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+        return launcher + ["--module", module] + args
+    return [sys.executable, "-m", module] + args
+
+
+def run_trainer(
+    args: list[str],
+    *,
+    deepspeed_ranks: int | None = None,
+    module: str = "training.trainer",
+    env: dict[str, str] | None = None,
+    timeout: int = 600,
+    **popen_kwargs,
+) -> subprocess.CompletedProcess:
+    """Run the trainer (or a module wrapping it) to the end and capture its output."""
     return subprocess.run(
-        command, cwd=PROJECT_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
+        trainer_command(args, deepspeed_ranks=deepspeed_ranks, module=module), cwd=PROJECT_ROOT,
+        env=subprocess_env(**(env or {})), capture_output=True, text=True, timeout=timeout, **popen_kwargs,
     )
 
 

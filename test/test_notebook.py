@@ -172,3 +172,33 @@ def test_notebook_runs_end_to_end_as_a_script(tiny_model_dir, sample_path, tmp_p
     for instruction in EXAMPLE_INSTRUCTIONS:
         assert f"Instruction: {instruction}" in result.stdout
     assert re.search(r"\d+/\d+ \[", result.stderr)  # the Trainer's progress bar
+
+
+def test_launch_cell_fails_with_the_failing_ranks_error(tiny_model_dir, sample_path, tmp_path, capsys):
+    from helpers import free_port
+
+    from training.launch import TrainingFailedError
+    from training.notebook import launch_training
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text(sample_path.read_text().splitlines()[0] + '\n{"instruction": "x", "context": "", "response": 5}\n')
+    out = tmp_path / "out"
+    command = ["deepspeed", "--num_gpus=2", "--master_port", str(free_port()), "--module", "training.trainer",
+               "--input-model", str(tiny_model_dir), "--training-dataset", str(data), "--local-output-dir", str(out)]
+    with pytest.raises(TrainingFailedError) as failure:
+        launch_training(command)
+    message = str(failure.value)
+    assert "the launcher exited with code 1" in message
+    assert f"{data}, line 2: field 'response' must be a string, got int" in message, message
+    assert "exits with return code = 1" in message
+    assert "line 2: field 'response'" in capsys.readouterr().err  # the output was streamed through as well
+
+
+def test_launch_cell_never_reports_success_without_a_finished_model(tmp_path):
+    from training.launch import TrainingFailedError
+    from training.notebook import launch_training
+
+    with pytest.raises(TrainingFailedError, match="exited 0 but .* holds no finished model"):
+        launch_training([sys.executable, "-c", "print('pretending')"], output_dir=str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    launch_training([sys.executable, "-c", "print('done')"], output_dir=str(tmp_path))

@@ -8,6 +8,7 @@ import pytest
 from helpers import PROJECT_ROOT, quick_training_args, run_trainer, subprocess_env
 from transformers import pipeline
 
+from training.checkpoints import COMPLETE_MARKER
 from training.trainer import parse_test_size
 
 pytestmark = pytest.mark.slow
@@ -51,7 +52,7 @@ def test_deepspeed_zero3_two_cpu_ranks_train_save_and_answer(tiny_model_dir, sam
 def test_existing_output_is_not_overwritten_and_resume_continues(tiny_model_dir, sample_path, tmp_path):
     out = tmp_path / "out"
     assert_ok(run_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--max-steps", "2")))
-    assert (out / "checkpoint-2" / "trainer_state.json").exists()
+    assert (out / "checkpoint-2" / COMPLETE_MARKER).exists()
     weights_before = (out / "model.safetensors").read_bytes()
 
     again = run_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--max-steps", "2"))
@@ -59,12 +60,17 @@ def test_existing_output_is_not_overwritten_and_resume_continues(tiny_model_dir,
     assert "is not empty; pass --resume" in again.stderr
     assert (out / "model.safetensors").read_bytes() == weights_before
 
-    (out / "checkpoint-9").mkdir()  # an interrupted save: no trainer_state.json
+    (out / "checkpoint-9").mkdir()  # an interrupted save: never marked complete
     resumed = run_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--resume"))
     assert_ok(resumed)
     log = resumed.stdout + resumed.stderr
-    assert "Ignoring incomplete checkpoint" in log and "Resuming from" in log and "checkpoint-2" in log
-    assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
+    assert f"Removing incomplete checkpoint {out / 'checkpoint-9'}" in log
+    assert f"Resuming from {out / 'checkpoint-2'}" in log
+    # Only steps 3 and 4 ran: one training-loss line each (a run that restarted would log four).
+    assert log.count("{'loss':") == 2, log[-3000:]
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2, 3, 4]
 
 
 def test_bad_record_stops_the_cli_with_file_line_and_field(tiny_model_dir, sample_path, tmp_path):

@@ -1,4 +1,6 @@
-"""Making the DeepSpeed launcher's ranks visible to accelerate when there is no GPU.
+"""Process-group set-up and tear-down: DeepSpeed's CPU ranks made visible to accelerate, and a clean exit.
+
+Making the DeepSpeed launcher's ranks visible to accelerate when there is no GPU:
 
 accelerate only knows GPU backends for DeepSpeed; on the DeepSpeed CPU accelerator it would see one process, so
 every rank would read the same batches and evaluation's gathers would fail. Configuring its state with gloo first,
@@ -7,7 +9,10 @@ and telling the Trainer to use that state, gives true data parallelism on CPU. O
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+from typing import NoReturn
 
 import torch
 
@@ -29,3 +34,36 @@ def accelerator_config_for(deepspeed_config: str | None) -> dict | None:
     finally:
         del os.environ["ACCELERATE_USE_DEEPSPEED"]
     return {"use_configured_state": True}
+
+
+def is_main_process() -> bool:
+    """Whether this process is global rank 0 (read from the launcher's environment; a lone process is)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def leave_process_group() -> bool:
+    """Destroy the default process group (and with it every group) if one was started; say whether one was."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    torch.distributed.destroy_process_group()
+    return True
+
+
+def exit_after_success() -> NoReturn:
+    """End a distributed rank that finished its work: flush and close logs and output, then ``os._exit(0)``.
+
+    Why not a normal interpreter exit: DeepSpeed's ZeRO-3 keeps the model's parameters reachable from module-level
+    state (``parameter_offload.FWD_MODULE_STACK`` and a class-level ``lru_cache`` of the partitioned-parameter
+    coordinator), and every parameter holds its process group. So the gloo groups, their native threads (a tcp
+    loop and work threads per group) and, on rank 0, the TCPStore's libuv thread outlive
+    ``destroy_process_group()`` and are torn down during interpreter finalization, in an order nothing controls;
+    a rank then intermittently died with "terminate called without an active exception" (SIGABRT) after its work
+    was saved. Only reached after a run that returned normally: a failing run raises and keeps its exit code.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0)

@@ -11,8 +11,6 @@ import argparse
 import logging
 import os
 import re
-import shlex
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -20,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .consts import DEFAULT_INPUT_MODEL, DEFAULT_TRAINING_DATASET, SUGGESTED_INPUT_MODELS
+from .launch import run_launcher
 
 logger = logging.getLogger(__name__)
 
@@ -246,12 +245,17 @@ def deepspeed_command(
     return command + list(family.extra_args) + list(FINETUNING_ARGS[finetuning]) + list(extra_args)
 
 
-def launch_training(command: list[str]) -> None:
-    """Run the DeepSpeed launcher from the project root, streaming its output; raise if training fails."""
-    logger.info("Launching: %s", shlex.join(command))
+def launch_training(command: list[str], output_dir: str | None = None) -> None:
+    """Run the DeepSpeed launcher from the project root, streaming its output.
+
+    Raises ``TrainingFailedError`` with the failing rank's error if training fails, or if the launcher exits 0
+    without a finished model in ``output_dir`` (by default the command's ``--local-output-dir``).
+    """
     beside_python = Path(sys.executable).parent / command[0]
     if beside_python.exists():  # the venv's launcher, even when its bin folder is not on PATH
         command = [str(beside_python)] + command[1:]
+    if output_dir is None:
+        output_dir = command[command.index("--local-output-dir") + 1]
     env = dict(os.environ)
     env["PYTHONPATH"] = str(PROJECT_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    subprocess.run(command, cwd=PROJECT_ROOT, env=env, check=True)
+    run_launcher(command, output_dir, cwd=PROJECT_ROOT, env=env)

@@ -11,21 +11,30 @@ import os
 from pathlib import Path
 
 import click
-import torch
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments, set_seed
 
 from .collators import DataCollatorForCompletionOnlyLM, DataCollatorForPackedCompletionOnlyLM
 from .consts import DEFAULT_INPUT_MODEL, DEFAULT_SEED, DEFAULT_TRAINING_DATASET
 from .data import load_training_dataset
+from .checkpoints import CheckpointCompletion
 from .deepspeed_config import deepspeed_config_for
-from .distributed import accelerator_config_for
+from .distributed import accelerator_config_for, exit_after_success, is_main_process, leave_process_group
 from .lora import MERGED_ADAPTER_SUBDIR, LoraSettings, apply_lora, merge_adapter
 from .modeling import choose_precision, get_model_tokenizer, load_model, load_tokenizer, model_max_length
 from .packing import packing_collator, restore_attention
 from .preprocess import preprocess_batch, preprocess_dataset
 from .quantization import quantization_config
-from .saving import add_pipeline_to_config, copy_to_dir, prepare_output_dir, publish_dir, write_pipeline_code
+from .run_lock import run_lock
+from .saving import (
+    STAGING_PREFIX,
+    add_pipeline_to_config,
+    copy_to_dir,
+    prepare_output_dir,
+    publish_dir,
+    save_failed,
+    write_pipeline_code,
+)
 
 __all__ = [
     "DataCollatorForCompletionOnlyLM",
@@ -41,8 +50,19 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-STAGING_DIR_NAME = ".staging-final"
+STAGING_DIR_NAME = f"{STAGING_PREFIX}final"
 TRAINING_LOG_NAME = "trainer_state.json"
+
+
+class DollyTrainer(Trainer):
+    """The Hugging Face Trainer, with a checkpoint that cannot be written reported as what it is."""
+
+    def _save_checkpoint(self, model, trial) -> None:
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as err:
+            checkpoint = f"checkpoint-{self.state.global_step}"
+            raise save_failed(err, checkpoint, Path(self.args.output_dir)) from err
 
 
 def parse_test_size(value: str | float | int) -> float | int:
@@ -124,75 +144,84 @@ def train(
             "(the DeepSpeed launcher still starts one data-parallel rank per GPU)"
         )
     output_dir = Path(local_output_dir)
-    resume_from = prepare_output_dir(output_dir, resume=resume, overwrite=overwrite_output_dir)
-    set_seed(seed)
-    precision = choose_precision(bf16)
-    logger.info("Training in %s", precision)
+    main_process = is_main_process()
+    with run_lock(output_dir, main_process):
+        resume_from = prepare_output_dir(
+            output_dir, resume=resume, overwrite=overwrite_output_dir, is_main_process=main_process
+        )
+        set_seed(seed)
+        precision = choose_precision(bf16)
+        logger.info("Training in %s", precision)
 
-    # TrainingArguments come first so that, under ZeRO-3, the model is loaded straight into partitions.
-    training_args = TrainingArguments(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=per_device_train_batch_size,
-        per_device_eval_batch_size=per_device_eval_batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        fp16=precision == "fp16",
-        bf16=precision == "bf16",
-        learning_rate=lr,
-        num_train_epochs=epochs,
-        max_steps=max_steps,
-        deepspeed=deepspeed_config_for(deepspeed, lora=lora.enabled),
-        accelerator_config=accelerator_config_for(deepspeed),
-        activation_checkpointing=gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
-        logging_strategy="steps",
-        logging_steps=logging_steps,
-        eval_strategy="steps" if test_size else "no",
-        eval_steps=eval_steps,
-        save_strategy="steps",
-        save_steps=save_steps,
-        save_total_limit=save_total_limit,
-        load_best_model_at_end=False,
-        report_to=["tensorboard"],
-        remove_unused_columns=False,
-        prediction_loss_only=True,
-        warmup_steps=warmup_steps or 0,
-        seed=seed,
-    )
-    load_kwargs = {}
-    if quantization is not None:
-        load_kwargs = {"quantization_config": quantization, "device_map": {"": training_args.device}}
-    model, tokenizer = get_model_tokenizer(
-        input_model, gradient_checkpointing=gradient_checkpointing, trust_remote_code=trust_remote_code, **load_kwargs
-    )
-    if lora.enabled:
-        model = apply_lora(model, tokenizer, lora, quantized=quantization is not None)
-    max_length = max_length or model_max_length(model)
-    dataset = preprocess_dataset(tokenizer=tokenizer, max_length=max_length, seed=seed, training_dataset=training_dataset)
-    train_dataset, eval_dataset = split_dataset(dataset, test_size, seed)
+        # TrainingArguments come first so that, under ZeRO-3, the model is loaded straight into partitions.
+        training_args = TrainingArguments(
+            output_dir=str(output_dir),
+            per_device_train_batch_size=per_device_train_batch_size,
+            per_device_eval_batch_size=per_device_eval_batch_size,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            fp16=precision == "fp16",
+            bf16=precision == "bf16",
+            learning_rate=lr,
+            num_train_epochs=epochs,
+            max_steps=max_steps,
+            deepspeed=deepspeed_config_for(deepspeed, lora=lora.enabled),
+            accelerator_config=accelerator_config_for(deepspeed),
+            activation_checkpointing=gradient_checkpointing,
+            activation_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+            logging_strategy="steps",
+            logging_steps=logging_steps,
+            eval_strategy="steps" if test_size else "no",
+            eval_steps=eval_steps,
+            save_strategy="steps",
+            save_steps=save_steps,
+            save_total_limit=None,  # rotation counts complete checkpoints only: see CheckpointCompletion
+            load_best_model_at_end=False,
+            report_to=["tensorboard"],
+            remove_unused_columns=False,
+            prediction_loss_only=True,
+            warmup_steps=warmup_steps or 0,
+            seed=seed,
+        )
+        load_kwargs = {}
+        if quantization is not None:
+            load_kwargs = {"quantization_config": quantization, "device_map": {"": training_args.device}}
+        model, tokenizer = get_model_tokenizer(
+            input_model, gradient_checkpointing=gradient_checkpointing, trust_remote_code=trust_remote_code, **load_kwargs
+        )
+        if lora.enabled:
+            model = apply_lora(model, tokenizer, lora, quantized=quantization is not None)
+        max_length = max_length or model_max_length(model)
+        dataset = preprocess_dataset(tokenizer=tokenizer, max_length=max_length, seed=seed, training_dataset=training_dataset)
+        train_dataset, eval_dataset = split_dataset(dataset, test_size, seed)
 
-    data_collator = packing_collator(model, tokenizer) if packing else None
-    if data_collator is None:
-        if packing:
-            logger.warning("This model cannot train on packed rows; grouping records of similar length instead")
-            training_args.train_sampling_strategy = "group_by_length"
-        data_collator = DataCollatorForCompletionOnlyLM(tokenizer=tokenizer, pad_to_multiple_of=8)
+        data_collator = packing_collator(model, tokenizer) if packing else None
+        if data_collator is None:
+            if packing:
+                logger.warning("This model cannot train on packed rows; grouping records of similar length instead")
+                training_args.train_sampling_strategy = "group_by_length"
+            data_collator = DataCollatorForCompletionOnlyLM(tokenizer=tokenizer, pad_to_multiple_of=8)
 
-    trainer = Trainer(
-        model=model,
-        processing_class=tokenizer,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=data_collator,
-    )
-    logger.info("Training")
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    restore_attention(model)
+        trainer = DollyTrainer(
+            model=model,
+            processing_class=tokenizer,
+            args=training_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            data_collator=data_collator,
+            callbacks=[CheckpointCompletion(save_total_limit)],
+        )
+        logger.info("Training")
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        restore_attention(model)
 
-    save_trained_model(trainer, tokenizer, output_dir, merge_lora=merge_lora, trust_remote_code=trust_remote_code)
-    if dbfs_output_dir and trainer.is_world_process_zero():
-        copy_to_dir(output_dir, dbfs_output_dir)
-    trainer.accelerator.wait_for_everyone()  # no rank leaves while rank 0 is still writing
+        try:
+            save_trained_model(trainer, tokenizer, output_dir, merge_lora=merge_lora, trust_remote_code=trust_remote_code)
+        except Exception as err:
+            raise save_failed(err, "the finished model", output_dir) from err
+        if dbfs_output_dir and trainer.is_world_process_zero():
+            copy_to_dir(output_dir, dbfs_output_dir)
+        trainer.accelerator.wait_for_everyone()  # no rank leaves while rank 0 is still writing
+        trainer.accelerator.free_memory()  # releases the DeepSpeed engine: its hooks, buffers and optimizer
     logger.info("Done.")
     return output_dir
 
@@ -291,9 +320,9 @@ def main(**kwargs) -> None:
     try:
         train(**kwargs)
     finally:
-        # Leave the process group cleanly: a rank exiting with it still open can abort its peers' teardown.
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        distributed = leave_process_group()
+    if distributed:
+        exit_after_success()
 
 
 if __name__ == "__main__":

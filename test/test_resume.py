@@ -1,0 +1,196 @@
+"""Killed runs resume to the model an uninterrupted run makes; one run per output folder; failed saves lose nothing.
+
+The kills are real SIGKILLs, sent at deterministic points by ``fault_injection`` (see that module).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from helpers import PROJECT_ROOT, quick_training_args, run_trainer, subprocess_env, trainer_command
+from safetensors.torch import load_file
+
+from training.checkpoints import COMPLETE_MARKER
+from training.run_lock import LOCK_FILE_NAME
+from training.saving import is_finished_output
+
+pytestmark = pytest.mark.slow
+
+CPU_ZERO3 = str(PROJECT_ROOT / "config" / "cpu_config.json")
+TRAIN_LOSS_LINE = "{'loss':"
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+
+def six_step_args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    """Six steps, a complete checkpoint every two, no evaluation (its logs would only add noise here)."""
+    return quick_training_args(model_dir, data, out, "--max-steps", "6", "--test-size", "0", "--deepspeed", CPU_ZERO3,
+                               *extra)
+
+
+def max_weight_difference(first: Path, second: Path) -> float:
+    a, b = load_file(str(first)), load_file(str(second))
+    assert a.keys() == b.keys()
+    return max((a[name].float() - b[name].float()).abs().max().item() for name in a)
+
+
+def train_losses(output_dir: Path) -> dict[int, float]:
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+
+
+def learning_rates(output_dir: Path) -> dict[int, float]:
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    return {entry["step"]: entry["learning_rate"] for entry in history if "learning_rate" in entry}
+
+
+def assert_resumed_like_uninterrupted(reference: Path, resumed_out: Path, resumed: subprocess.CompletedProcess,
+                                      resumed_from: int, weights: str = "model.safetensors") -> None:
+    log = resumed.stdout + resumed.stderr
+    assert f"Resuming from {resumed_out / f'checkpoint-{resumed_from}'}" in log
+    # Only the remaining steps ran in the resumed process (one loss line per step).
+    assert log.count(TRAIN_LOSS_LINE) == 6 - resumed_from, log[-4000:]
+    assert is_finished_output(resumed_out)
+    assert max_weight_difference(reference / weights, resumed_out / weights) <= 1e-5
+    # Same losses and learning rates after the resume point: data order, schedule and RNG continued.
+    reference_losses, resumed_losses = train_losses(reference), train_losses(resumed_out)
+    assert sorted(resumed_losses) == list(range(1, 7))
+    for step in range(resumed_from + 1, 7):
+        assert resumed_losses[step] == pytest.approx(reference_losses[step], abs=1e-5)
+    assert learning_rates(resumed_out) == learning_rates(reference)
+
+
+def run_killed(args: list[str], fault: str) -> None:
+    """Run on 2 ranks until ``fault`` kills them; the folder must not look finished afterwards."""
+    killed = run_trainer(args, deepspeed_ranks=2, module="fault_injection", env={"DOLLY_FAULT": fault})
+    assert killed.returncode != 0, killed.stderr[-3000:]
+    assert not is_finished_output(Path(args[args.index("--local-output-dir") + 1]))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_full(tiny_model_dir, sample_path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted") / "out"
+    assert_ok(run_trainer(six_step_args(tiny_model_dir, sample_path, out), deepspeed_ranks=2))
+    return out
+
+
+def test_zero3_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_model(
+    tiny_model_dir, sample_path, tmp_path, uninterrupted_full
+):
+    out = tmp_path / "out"
+    args = six_step_args(tiny_model_dir, sample_path, out)
+    run_killed(args, "kill-after-checkpoint:4")
+    assert (out / "checkpoint-4" / COMPLETE_MARKER).exists()
+
+    resumed = run_trainer(args + ["--resume"], deepspeed_ranks=2)
+    assert_ok(resumed)
+    assert_resumed_like_uninterrupted(uninterrupted_full, out, resumed, resumed_from=4)
+
+
+def test_zero3_run_killed_while_saving_resumes_from_the_previous_checkpoint(
+    tiny_model_dir, sample_path, tmp_path, uninterrupted_full
+):
+    out = tmp_path / "out"
+    args = six_step_args(tiny_model_dir, sample_path, out)
+    run_killed(args, "kill-while-saving:4")
+    half_written = out / "checkpoint-4"
+    # Rank 0 wrote its trainer state, so the folder looks whole; rank 1's RNG state is missing and it is unmarked.
+    assert (half_written / "trainer_state.json").exists() and not (half_written / "rng_state_1.pth").exists()
+    assert not (half_written / COMPLETE_MARKER).exists()
+
+    resumed = run_trainer(args + ["--resume"], deepspeed_ranks=2)
+    assert_ok(resumed)
+    assert f"Removing incomplete checkpoint {half_written}" in resumed.stderr
+    assert_resumed_like_uninterrupted(uninterrupted_full, out, resumed, resumed_from=2)
+
+
+def test_lora_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_model(tiny_model_dir, sample_path, tmp_path):
+    lora = ("--lora-r", "4", "--lr", "1e-2")
+    reference = tmp_path / "reference"
+    assert_ok(run_trainer(six_step_args(tiny_model_dir, sample_path, reference, *lora), deepspeed_ranks=2))
+
+    out = tmp_path / "out"
+    args = six_step_args(tiny_model_dir, sample_path, out, *lora)
+    run_killed(args, "kill-after-checkpoint:4")
+
+    resumed = run_trainer(args + ["--resume"], deepspeed_ranks=2)
+    assert_ok(resumed)
+    assert_resumed_like_uninterrupted(reference, out, resumed, resumed_from=4)
+    # The adapter itself, not only the merged weights, continued where it stopped.
+    adapter = "adapter/adapter_model.safetensors"
+    assert max_weight_difference(reference / adapter, out / adapter) <= 1e-5
+
+
+def test_second_run_on_a_busy_output_folder_is_refused_and_a_killed_run_leaves_no_stale_lock(
+    tiny_model_dir, sample_path, tmp_path
+):
+    out = tmp_path / "out"
+    # A long single-process run: it holds the lock from its start until it is killed.
+    long_args = quick_training_args(tiny_model_dir, sample_path, out, "--max-steps", "100000", "--save-steps", "100000",
+                                    "--test-size", "0")
+    running = subprocess.Popen(trainer_command(long_args), cwd=PROJECT_ROOT, env=subprocess_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / LOCK_FILE_NAME).exists() or not (out / LOCK_FILE_NAME).read_text():
+            assert running.poll() is None and time.monotonic() < deadline, "the first run never took the lock"
+            time.sleep(0.2)
+
+        second = run_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--resume"), deepspeed_ranks=2)
+        assert second.returncode != 0
+        message = f"another run is writing to {out} (pid {running.pid} on "
+        # Both ranks refuse: rank 0 at the lock, rank 1 on reading who holds it.
+        assert second.stderr.count(message) >= 2, second.stderr[-4000:]
+        assert "Training in" not in second.stderr  # refused at start, before any model was loaded
+        assert running.poll() is None  # the first run was not disturbed
+    finally:
+        running.send_signal(signal.SIGKILL)
+        running.wait()
+
+    # The kernel released the killed run's lock: a new run on the folder starts and finishes.
+    after_kill = run_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--resume", "--max-steps", "2"))
+    assert_ok(after_kill)
+    assert is_finished_output(out) and not (out / LOCK_FILE_NAME).exists()
+
+
+def _limit_file_size(limit: int):
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_save_that_fails_leaves_earlier_checkpoints_and_the_finished_model_intact(tiny_model_dir, sample_path, tmp_path):
+    out = tmp_path / "out"
+    assert_ok(run_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--max-steps", "2", "--test-size", "0")))
+    finished_weights = (out / "model.safetensors").read_bytes()
+    checkpoint = out / "checkpoint-2"
+    checkpoint_files = {p.name: p.read_bytes() for p in checkpoint.iterdir() if p.is_file()}
+
+    # The kernel refuses to write a file larger than the model: the next checkpoint's optimizer state fails to save
+    # (EFBIG), as it would on a full disk.
+    limit = len(finished_weights) + 4096
+    failed = run_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--resume", "--test-size", "0"),
+                         preexec_fn=_limit_file_size(limit))
+    assert failed.returncode != 0
+    assert f"SaveFailedError: could not write checkpoint-4 in {out}" in failed.stderr, failed.stderr[-3000:]
+    assert "The finished model already there is unchanged. Complete checkpoints kept: checkpoint-2." in failed.stderr
+    assert (out / "model.safetensors").read_bytes() == finished_weights and is_finished_output(out)
+    assert {p.name: p.read_bytes() for p in checkpoint.iterdir() if p.is_file()} == checkpoint_files
+    assert not (out / "checkpoint-4" / COMPLETE_MARKER).exists()
+
+    # With room again, --resume carries on from checkpoint-2 and replaces the finished model.
+    resumed = run_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--resume", "--test-size", "0"))
+    assert_ok(resumed)
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
+    assert os.path.exists(out / "checkpoint-4" / COMPLETE_MARKER)
+    assert (out / "model.safetensors").read_bytes() != finished_weights
