@@ -41,3 +41,14 @@ def test_throughput_and_memory_small(tiny_model_dir, sample_path, tmp_path):
     rendered = report.render(readme, results_dir=tmp_path)
     assert "old" not in rendered and "useful tokens/s" in rendered
     assert "<!-- bench:quality -->\n<!-- /bench:quality -->" in rendered  # no result file, no figures
+
+
+def test_launcher_exits_one_run(tiny_model_dir, tmp_path):
+    from bench import launcher_exits
+
+    out = tmp_path / "launcher_exits.json"
+    result = launcher_exits.main(["--runs", "1", "--model", str(tiny_model_dir), "--out", str(out)])
+    assert result["total"] == 1 and len(result["runs"][0]["rank_exit_codes"]) == 2
+    assert json.loads(out.read_text())["zero_exits_with_model"] == result["zero_exits_with_model"]
+    rendered = report.render("<!-- bench:launcher_exits -->\n<!-- /bench:launcher_exits -->\n", results_dir=tmp_path)
+    assert "launches of `deepspeed --num_gpus 2`" in rendered
