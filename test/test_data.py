@@ -48,13 +48,13 @@ def test_bad_jsonl_record_names_file_line_and_field(tmp_path, bad_line, field, p
 def test_json_array_names_the_record(tmp_path):
     path = tmp_path / "records.json"
     path.write_text(json.dumps([GOOD, {"instruction": "i", "response": None}]))
-    with pytest.raises(DatasetRecordError, match=r"records\.json, record 1: field 'response' is missing"):
+    with pytest.raises(DatasetRecordError, match=r"records\.json, record 2: field 'response' is missing"):
         read_records(str(path))
 
 
 def test_parquet_and_saved_folder_are_read_and_checked(tmp_path):
     Dataset.from_list([GOOD, {**GOOD, "response": ""}]).to_parquet(str(tmp_path / "r.parquet"))
-    with pytest.raises(DatasetRecordError, match=r"r\.parquet, record 1: field 'response' is empty"):
+    with pytest.raises(DatasetRecordError, match=r"r\.parquet, record 2: field 'response' is empty"):
         read_records(str(tmp_path / "r.parquet"))
     Dataset.from_list([GOOD, GOOD]).save_to_disk(str(tmp_path / "saved"))
     assert len(read_records(str(tmp_path / "saved"))) == 2

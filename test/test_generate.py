@@ -1,5 +1,7 @@
 """Generation: the pipeline's stopping and decoding, batching, loading options, and a real pretrained model."""
 
+import logging
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -46,14 +48,59 @@ def test_without_special_tokens_the_end_key_is_found_in_text(tiny_model_dir):
 
 def test_batched_list_and_context_inputs(tiny_pipeline):
     prompts = ["Name a fruit.", {"instruction": "Summarize.", "context": "Cats sleep a lot."}, "Why?"]
-    results = tiny_pipeline(prompts, batch_size=2, max_new_tokens=4, do_sample=False, return_finish_reason=True)
+    results = tiny_pipeline(prompts, batch_size=3, max_new_tokens=4, do_sample=False, return_finish_reason=True)
     assert len(results) == 3
     assert all(set(r[0]) == {"generated_text", "finish_reason"} for r in results)
-    # Batching pads on the left, so each answer equals the one generated alone.
-    alone = tiny_pipeline(prompts[1], max_new_tokens=4, do_sample=False)
-    assert results[1][0]["generated_text"] == alone[0]["generated_text"]
+    # Batching pads on the left, so every answer (the padded ones too) equals the one generated alone.
+    for prompt, batched in zip(prompts, results):
+        alone = tiny_pipeline(prompt, max_new_tokens=4, do_sample=False, return_finish_reason=True)
+        assert batched == alone
     full = tiny_pipeline("Why?", max_new_tokens=2, do_sample=False, return_full_text=True)
     assert full[0]["generated_text"].startswith("Why?\n")
+
+
+def test_generation_stops_at_end_key_through_the_public_pipeline(tiny_model_dir):
+    model, tokenizer = get_model_tokenizer(str(tiny_model_dir))
+    end_id = get_special_token_id(tokenizer, END_KEY)
+    # Make ### End the model's top token at every position: a zero output layer plus a bias on its row.
+    head = torch.nn.Linear(model.config.hidden_size, model.get_output_embeddings().out_features, bias=True)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    head.bias.data[end_id] = 10.0
+    model.set_output_embeddings(head)
+    forward_calls = []
+    model.register_forward_hook(lambda *args: forward_calls.append(1))
+    generator = InstructionTextGenerationPipeline(model=model, tokenizer=tokenizer)
+    result = generator("Name a colour.", max_new_tokens=8, do_sample=False, return_finish_reason=True)
+    assert result == [{"generated_text": "", "finish_reason": "end_key"}]
+    assert len(forward_calls) == 1  # one new token, then generation stopped
+
+
+@pytest.mark.parametrize(
+    "cuda, bf16_supported, requested, expected",
+    [
+        (False, False, None, "fp32"),  # CPU
+        (True, False, None, "fp16"),  # V100: no bfloat16
+        (True, True, None, "bf16"),  # A10, A100, H100
+        (True, True, False, "fp16"),  # --bf16 false
+        (False, False, True, "bf16"),  # --bf16 true on CPU (bfloat16 runs there)
+    ],
+)
+def test_precision_per_hardware(monkeypatch, cuda, bf16_supported, requested, expected):
+    from training.modeling import choose_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_supported)
+    assert choose_precision(requested) == expected
+
+
+def test_bf16_requested_on_a_gpu_without_it_is_refused(monkeypatch):
+    from training.modeling import choose_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    with pytest.raises(ValueError, match="does not support bfloat16"):
+        choose_precision(True)
 
 
 def test_generate_response_single_and_list(tiny_model_dir):
@@ -63,13 +110,25 @@ def test_generate_response_single_and_list(tiny_model_dir):
     assert isinstance(one, str) and len(many) == 2 and many[0] == one
 
 
-def test_load_for_generate_in_8bit(tiny_model_dir):
+@pytest.mark.parametrize("bits, min_cosine", [(8, 0.999), (4, 0.95)])
+def test_quantized_generation_stays_close_to_fp32(tiny_model_dir, caplog, bits, min_cosine):
     pytest.importorskip("bitsandbytes")
-    model, tokenizer = load_model_tokenizer_for_generate(str(tiny_model_dir), load_in_8bit=True, device_map="cpu")
+    full, tokenizer = load_model_tokenizer_for_generate(str(tiny_model_dir), dtype=torch.float32, device_map="cpu")
+    model, tokenizer = load_model_tokenizer_for_generate(
+        str(tiny_model_dir), device_map="cpu", **{f"load_in_{bits}bit": True}
+    )
     assert tokenizer.padding_side == "left"
-    assert any("Linear8bitLt" in type(m).__name__ for m in model.modules())
-    answer = generate_response("Hi?", model=model, tokenizer=tokenizer, max_new_tokens=3, do_sample=False)
+    assert any(f"Linear{bits}bit" in type(m).__name__ for m in model.modules())
+    inputs = tokenizer("### Instruction:\nName a colour.\n\n### Response:\n", return_tensors="pt")
+    with torch.no_grad():
+        reference, quantized = full(**inputs).logits[0, -1], model(**inputs).logits[0, -1].float()
+    assert torch.nn.functional.cosine_similarity(reference, quantized, dim=0) > min_cosine
+    assert reference.argmax() == quantized.argmax()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        answer = generate_response("Hi?", model=model, tokenizer=tokenizer, max_new_tokens=8, do_sample=False)
     assert isinstance(answer, str)
+    assert not [r for r in caplog.records if "MatMul8bitLt" in r.getMessage()]  # no cast warning per product
 
 
 @pytest.mark.slow

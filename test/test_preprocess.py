@@ -89,7 +89,7 @@ def test_missing_response_key_is_a_clear_error(tokenizer):
     ids = tokenizer("No template here at all.")["input_ids"]
     with pytest.raises(RuntimeError, match="Could not find response key"):
         DataCollatorForCompletionOnlyLM(tokenizer=tokenizer)([{"input_ids": ids}])
-    with pytest.raises(DatasetRecordError, match="record 0: field 'text': no response key"):
+    with pytest.raises(DatasetRecordError, match="record 1: field 'text': no response key"):
         preprocess_batch({"text": ["No template here at all."]}, tokenizer, 2048)
 
 

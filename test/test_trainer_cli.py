@@ -29,6 +29,10 @@ def test_deepspeed_zero3_two_cpu_ranks_train_save_and_answer(tiny_model_dir, sam
     assert log.count("exits successfully") == 2
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4
+    # The two CPU ranks split the data: 33 training records, 4 per rank per step, so an epoch is 5 steps (17 records
+    # per rank); ranks that each read every record would need 9 steps.
+    assert "Train data size: 33" in log
+    assert state["epoch"] == pytest.approx(4 / 5)
     for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "instruct_pipeline.py"):
         assert (out / name).exists(), name
     assert not (out / ".staging-final").exists()
@@ -37,6 +41,15 @@ def test_deepspeed_zero3_two_cpu_ranks_train_save_and_answer(tiny_model_dir, sam
     assert type(generator).__name__ == "InstructionTextGenerationPipeline"
     answer = generator("Name a colour.", max_new_tokens=8, do_sample=False)
     assert isinstance(answer, list) and isinstance(answer[0]["generated_text"], str)
+    # The dolly-v2 README's calls: bf16 on A100s, fp16 on V100s. Its 8-bit call passed model_kwargs={'load_in_8bit':
+    # True}; transformers 5 removed that argument from from_pretrained, so the README gives its replacement.
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    for kwargs in ({"torch_dtype": torch.bfloat16}, {"torch_dtype": torch.float16},
+                   {"model_kwargs": {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}}):
+        dolly_call = pipeline(model=str(out), trust_remote_code=True, device_map="auto", **kwargs)
+        assert isinstance(dolly_call("Name a colour.", max_new_tokens=4)[0]["generated_text"], str), kwargs
     generation_config = json.loads((out / "generation_config.json").read_text())
     end_id = generator.tokenizer.convert_tokens_to_ids("### End")
     assert end_id in generation_config["eos_token_id"]
@@ -73,6 +86,21 @@ def test_existing_output_is_not_overwritten_and_resume_continues(tiny_model_dir,
     assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2, 3, 4]
 
 
+def test_no_packing_falls_back_to_padded_batches_and_dbfs_gets_a_copy(tiny_model_dir, sample_path, tmp_path):
+    out, dbfs = tmp_path / "out", tmp_path / "dbfs" / "run"
+    result = run_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--max-steps", "2", "--no-packing",
+                                             "--dbfs-output-dir", str(dbfs)))
+    assert_ok(result)
+    assert "Batching with DataCollatorForCompletionOnlyLM" in result.stderr
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    copied = sorted(p.name for p in dbfs.iterdir())
+    assert copied == sorted(p.name for p in out.iterdir() if not p.name.startswith("checkpoint-"))
+    assert (dbfs / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    packed = run_trainer(quick_training_args(tiny_model_dir, sample_path, tmp_path / "packed", "--max-steps", "1"))
+    assert_ok(packed)
+    assert "Batching with DataCollatorForPackedCompletionOnlyLM" in packed.stderr
+
+
 def test_bad_record_stops_the_cli_with_file_line_and_field(tiny_model_dir, sample_path, tmp_path):
     data = tmp_path / "bad.jsonl"
     lines = sample_path.read_text().splitlines()[:5] + ['{"instruction": "x", "response": 5}']
@@ -91,3 +119,32 @@ def test_test_size_is_a_count_or_a_ratio(value, expected):
 def test_test_size_rejects_nonsense(value):
     with pytest.raises(ValueError):
         parse_test_size(value)
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--lr", "0"], "Invalid value for '--lr': must be above 0, got 0.0"),
+        (["--lr", "-1e-5"], "Invalid value for '--lr': must be above 0"),
+        (["--deepspeed", "missing_config.json"], "Invalid value for '--deepspeed': missing_config.json: no such file"),
+        (["--deepspeed", "README.md"], "Invalid value for '--deepspeed': README.md: not valid JSON"),
+        (["--test-size", "41"], "Invalid value for '--test-size': 41 records held out leaves none to train on"),
+        (["--test-size", "2.5"], "Invalid value for '--test-size': must be a whole count or a ratio below 1"),
+        (["--test-size", "4", "--max-length", "8"], "Invalid value for '--max-length': 8 is below the"),
+        (["--per-device-train-batch-size", "0"], "Invalid value for '--per-device-train-batch-size'"),
+    ],
+)
+def test_bad_option_values_stop_before_anything_starts_naming_the_option(tiny_model_dir, sample_path, tmp_path,
+                                                                         extra, expected, monkeypatch):
+    from click.testing import CliRunner
+
+    from training.trainer import main
+
+    monkeypatch.chdir(PROJECT_ROOT)
+    args = ["--input-model", str(tiny_model_dir), "--training-dataset", str(sample_path),
+            "--local-output-dir", str(tmp_path / "out"), *extra]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and expected in errors[0], result.output
+    assert not (tmp_path / "out").exists()  # nothing was started

@@ -32,12 +32,21 @@ def _round_up(length: int, multiple: int | None) -> int:
 class DataCollatorForCompletionOnlyLM:
     """Pads a batch on the right to its longest record (to a multiple of ``pad_to_multiple_of``).
 
-    Prompt tokens and padding are -100 in the labels, so only responses are learned.
+    Prompt tokens and padding are -100 in the labels, so only responses are learned. ``mlm`` is accepted as Dolly
+    passes it (``mlm=False``, its collator subclassed the language-modelling one); this collator is causal only.
     """
 
     tokenizer: PreTrainedTokenizerBase
     pad_to_multiple_of: int | None = 8
     return_tensors: str = "pt"
+    mlm: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mlm:
+            raise ValueError("DataCollatorForCompletionOnlyLM is for causal LMs: masked language modelling (mlm=True) "
+                             "is not supported")
+        if self.return_tensors != "pt":
+            raise ValueError(f"only return_tensors='pt' is supported, got {self.return_tensors!r}")
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         width = _round_up(max(len(e["input_ids"]) for e in examples), self.pad_to_multiple_of)

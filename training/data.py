@@ -2,11 +2,14 @@
 
 A record has a non-empty string ``instruction`` and ``response``, and optionally a string ``context`` and
 ``category``. Every record is checked; the first bad one stops the run with an error that names the source, the
-line (for JSON Lines files) or record number, and the field.
+line (for JSON Lines files) or record number, and the field; lines and records are counted from 1, as a person
+reads a file. A folder is read file by file (every ``.jsonl``, ``.json`` and ``.parquet`` in it), so an error names
+the file, and no file is dropped without a word. A UTF-8 byte-order mark is accepted; other text must be UTF-8.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 from pathlib import Path
@@ -52,12 +55,24 @@ def validate_record(record: Any, where: str) -> dict[str, str]:
     return clean
 
 
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DatasetRecordError(
+            f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}); save the file as UTF-8"
+        ) from None
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            where = f"{path}, line {line_number}"
+            if line_number == 1 and raw.startswith(codecs.BOM_UTF8):  # as Windows editors write
+                raw = raw[len(codecs.BOM_UTF8) :]
+            line = _decode(raw, where)
             if not line.strip():
                 continue
-            where = f"{path}, line {line_number}"
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as err:
@@ -65,7 +80,12 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DatasetRecordError(f"{path}, line {line}: not UTF-8 text (byte 0x{raw[err.start]:02x})") from None
     try:
         records = json.loads(text)
     except json.JSONDecodeError:
@@ -75,35 +95,62 @@ def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
     if isinstance(records, dict) and isinstance(records.get("data"), list):
         records = records["data"]
     if not isinstance(records, list):
-        raise DatasetRecordError(f"{path}: expected a list of records (or JSON Lines)")
-    for index, record in enumerate(records):
-        yield f"{path}, record {index}", record
+        raise DatasetRecordError(f"{path}: expected a list of records (or JSON Lines), got {type(records).__name__}")
+    for number, record in enumerate(records, start=1):
+        yield f"{path}, record {number}", record
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        table = pyarrow.parquet.read_table(path)
+    except (pyarrow.ArrowException, OSError) as err:
+        raise DatasetRecordError(f"{path}: not a readable Parquet file ({err})") from None
+    yield from _read_dataset(table.to_pylist(), str(path))
 
 
 def _read_dataset(dataset: Iterable[dict], source: str) -> Iterator[tuple[str, Any]]:
-    for index, record in enumerate(dataset):
-        yield f"{source}, record {index}", record
+    for number, record in enumerate(dataset, start=1):
+        yield f"{source}, record {number}", record
+
+
+FILE_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
+
+
+def _read_file(path: Path) -> Iterator[tuple[str, Any]]:
+    reader = FILE_READERS.get(path.suffix.lower())
+    if reader is None:
+        raise ValueError(f"{path}: unsupported file type '{path.suffix}' (use .jsonl, .json or .parquet)")
+    yield from reader(path)
+
+
+def _read_folder(path: Path) -> Iterator[tuple[str, Any]]:
+    """Every data file in a folder (and its subfolders), each read and checked on its own; others are named."""
+    files = sorted(f for f in path.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts))
+    data_files = [f for f in files if f.suffix.lower() in FILE_READERS]
+    skipped = [f.name for f in files if f.suffix.lower() not in FILE_READERS]
+    if skipped:
+        logger.warning("%s: not reading %s (not .jsonl, .json or .parquet)", path, ", ".join(skipped))
+    if not data_files:
+        raise DatasetRecordError(f"{path}: no .jsonl, .json or .parquet files in this folder")
+    logger.info("Reading %d files from %s", len(data_files), path)
+    for data_file in data_files:
+        yield from _read_file(data_file)
 
 
 def _raw_records(path_or_dataset: str) -> Iterator[tuple[str, Any]]:
     path = Path(path_or_dataset)
     if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            yield from _read_jsonl(path)
-        elif suffix == ".json":
-            yield from _read_json(path)
-        elif suffix == ".parquet":
-            yield from _read_dataset(load_dataset("parquet", data_files=str(path), split="train"), str(path))
-        else:
-            raise ValueError(f"{path}: unsupported file type '{suffix}' (use .jsonl, .json or .parquet)")
+        yield from _read_file(path)
     elif path.is_dir():
         if (path / "state.json").exists() or (path / "dataset_dict.json").exists():
             loaded = load_from_disk(str(path))
             dataset = loaded["train"] if hasattr(loaded, "keys") else loaded
+            yield from _read_dataset(dataset, str(path))
         else:
-            dataset = load_dataset(str(path), split="train")
-        yield from _read_dataset(dataset, str(path))
+            yield from _read_folder(path)
     elif path.suffix.lower() in LOCAL_FILE_SUFFIXES or path_or_dataset.startswith((".", "/")):
         raise FileNotFoundError(f"training dataset not found: {path_or_dataset}")
     else:

@@ -34,9 +34,13 @@ def load_model_tokenizer_for_generate(
     """Load a trained model and its tokenizer for generation (left padding, for batched prompts).
 
     A full model folder or an adapter-only LoRA output (the base model it names is loaded, then the adapter).
-    ``load_in_8bit``/``load_in_4bit`` quantize the weights with bitsandbytes to fit smaller GPUs.
+    ``load_in_8bit``/``load_in_4bit`` quantize the weights with bitsandbytes to fit smaller GPUs. 8-bit weights
+    compute in float16 unless ``dtype`` says otherwise: bitsandbytes casts other inputs to float16 for every
+    product anyway, and warns each time it does.
     """
     logger.info("Loading %s for generation", pretrained_model_name_or_path)
+    if load_in_8bit and dtype == "auto":
+        dtype = torch.float16
     tokenizer = AutoTokenizer.from_pretrained(
         pretrained_model_name_or_path, padding_side="left", trust_remote_code=trust_remote_code
     )

@@ -58,7 +58,7 @@ def _labels_from_fields(
     for ids, prompt, index in zip(input_ids, prompt_ids, indices):
         if list(ids[: len(prompt)]) != list(prompt):
             raise DatasetRecordError(
-                f"record {index}: field 'response': the tokenized prompt is not a prefix of the tokenized record, "
+                f"record {index + 1}: field 'response': the tokenized prompt is not a prefix of the tokenized record, "
                 f"so the response key '{RESPONSE_KEY_NL.strip()}' that ends the prompt cannot be located"
             )
         labels.append(mask_prompt(ids, len(prompt)))
@@ -72,7 +72,7 @@ def _labels_from_text(
     for ids, index in zip(input_ids, indices):
         start = response_start_from_key(ids, tokenizer)
         if start is None:
-            raise DatasetRecordError(f"record {index}: field 'text': no response key '{RESPONSE_KEY_NL.strip()}'")
+            raise DatasetRecordError(f"record {index + 1}: field 'text': no response key '{RESPONSE_KEY_NL.strip()}'")
         labels.append(mask_prompt(ids, start))
     return labels
 

@@ -21,6 +21,7 @@ from .checkpoints import CheckpointCompletion
 from .deepspeed_config import deepspeed_config_for
 from .distributed import accelerator_config_for, exit_after_success, is_main_process, leave_process_group
 from .lora import MERGED_ADAPTER_SUBDIR, LoraSettings, apply_lora, merge_adapter
+from .option_checks import check_against_data, deepspeed_config_file, positive_float
 from .modeling import choose_precision, get_model_tokenizer, load_model, load_tokenizer, model_max_length
 from .packing import packing_collator, restore_attention
 from .preprocess import preprocess_batch, preprocess_dataset
@@ -200,6 +201,7 @@ def train(
                 logger.warning("This model cannot train on packed rows; grouping records of similar length instead")
                 training_args.train_sampling_strategy = "group_by_length"
             data_collator = DataCollatorForCompletionOnlyLM(tokenizer=tokenizer, pad_to_multiple_of=8)
+        logger.info("Batching with %s", type(data_collator).__name__)
 
         trainer = DollyTrainer(
             model=model,
@@ -261,21 +263,21 @@ def save_trained_model(
 @click.option("--input-model", type=str, default=DEFAULT_INPUT_MODEL, help="Input model to fine tune")
 @click.option("--local-output-dir", type=str, required=True, help="Write directly to this local path")
 @click.option("--dbfs-output-dir", type=str, help="Sync data to this path on DBFS")
-@click.option("--epochs", type=float, default=3, help="Number of epochs to train for.")
-@click.option("--per-device-train-batch-size", type=int, default=8, help="Batch size to use for training.")
-@click.option("--per-device-eval-batch-size", type=int, default=8, help="Batch size to use for evaluation.")
-@click.option("--gradient-accumulation-steps", type=int, default=1, help="Micro-batches per optimizer step.")
+@click.option("--epochs", type=float, default=3, callback=positive_float, help="Number of epochs to train for.")
+@click.option("--per-device-train-batch-size", type=click.IntRange(min=1), default=8, help="Batch size to use for training.")
+@click.option("--per-device-eval-batch-size", type=click.IntRange(min=1), default=8, help="Batch size to use for evaluation.")
+@click.option("--gradient-accumulation-steps", type=click.IntRange(min=1), default=1, help="Micro-batches per optimizer step.")
 @click.option(
     "--test-size", type=str, default="1000", help="Records held out for evaluation: a count, or a ratio below 1."
 )
 @click.option("--warmup-steps", type=int, default=None, help="Number of steps to warm up to learning rate")
-@click.option("--logging-steps", type=int, default=10, help="How often to log")
-@click.option("--eval-steps", type=int, default=50, help="How often to run evaluation on test records")
-@click.option("--save-steps", type=int, default=400, help="How often to checkpoint the model")
+@click.option("--logging-steps", type=click.IntRange(min=1), default=10, help="How often to log")
+@click.option("--eval-steps", type=click.IntRange(min=1), default=50, help="How often to run evaluation on test records")
+@click.option("--save-steps", type=click.IntRange(min=1), default=400, help="How often to checkpoint the model")
 @click.option("--save-total-limit", type=int, default=10, help="Maximum number of checkpoints to keep on disk")
-@click.option("--lr", type=float, default=1e-5, help="Learning rate to use for training.")
+@click.option("--lr", type=float, default=1e-5, callback=positive_float, help="Learning rate to use for training.")
 @click.option("--seed", type=int, default=DEFAULT_SEED, help="Seed to use for training.")
-@click.option("--deepspeed", type=str, default=None, help="Path to deepspeed config file.")
+@click.option("--deepspeed", type=str, default=None, callback=deepspeed_config_file, help="Path to deepspeed config file.")
 @click.option(
     "--training-dataset",
     type=str,
@@ -316,7 +318,11 @@ def save_trained_model(
 @click.option("--merge-lora/--no-merge-lora", default=True, help="Save a merged model (default) or the adapter only.")
 def main(**kwargs) -> None:
     """Fine-tune a causal LM on dolly-format instruction records."""
-    kwargs["test_size"] = parse_test_size(kwargs["test_size"])
+    try:
+        kwargs["test_size"] = parse_test_size(kwargs["test_size"])
+    except ValueError as err:
+        raise click.BadParameter(str(err).removeprefix("--test-size "), param_hint="'--test-size'") from None
+    check_against_data(kwargs)  # before any model is loaded or process group started
     try:
         train(**kwargs)
     finally:
