@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,33 +21,21 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import PROJECT_ROOT, RESULTS_DIR, machine, write_json
+from training.launch import free_port
 from training.saving import is_finished_output
+from training.synthetic import build_tiny_sample_model
 
 RANK_EXIT = re.compile(r"Process (\d+) exits (?:successfully|with return code = (-?\d+))")
 
 
-def build_tiny_model(folder: Path) -> Path:
-    """The tests' tiny GPT-NeoX with a BPE tokenizer trained on the sample data."""
-    from training.consts import INTRO_BLURB, PROMPT_WITH_INPUT_FORMAT
-    from training.data import read_records
-    from training.synthetic import build_pythia_model
-
-    records = read_records(str(PROJECT_ROOT / "data" / "dolly_sample.jsonl"))
-    texts = [" ".join([r["instruction"], r["context"], r["response"]]) for r in records]
-    return build_pythia_model(folder, texts + [INTRO_BLURB, PROMPT_WITH_INPUT_FORMAT] * 10, shape="tiny", vocab_size=500)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+SAMPLE_DATA = PROJECT_ROOT / "data" / "dolly_sample.jsonl"
 
 
 def launch_once(model: Path, output_dir: Path, ranks: int, log_path: Path) -> dict[str, Any]:
     command = [
         sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_addr", "127.0.0.1",
         "--master_port", str(free_port()), "--module", "training.trainer",
-        "--input-model", str(model), "--training-dataset", str(PROJECT_ROOT / "data" / "dolly_sample.jsonl"),
+        "--input-model", str(model), "--training-dataset", str(SAMPLE_DATA),
         "--local-output-dir", str(output_dir), "--deepspeed", str(PROJECT_ROOT / "config" / "cpu_config.json"),
         "--per-device-train-batch-size", "4", "--per-device-eval-batch-size", "4", "--test-size", "8",
         "--max-steps", "3", "--eval-steps", "2", "--save-steps", "2", "--logging-steps", "1", "--lr", "1e-3",
@@ -81,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = []
     with tempfile.TemporaryDirectory() as scratch:
         scratch_dir = Path(scratch)
-        model = args.model or build_tiny_model(scratch_dir / "tiny-model")
+        model = args.model or build_tiny_sample_model(scratch_dir / "tiny-model", SAMPLE_DATA)
         logs = args.keep_logs or scratch_dir
         logs.mkdir(parents=True, exist_ok=True)
         for number in range(1, args.runs + 1):

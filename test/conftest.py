@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -19,17 +18,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
-def sample_texts() -> list[str]:
-    """Texts to train the tiny tokenizer on: the sample records and the Dolly template itself."""
-    from training.consts import INTRO_BLURB, PROMPT_WITH_INPUT_FORMAT
-
-    texts = []
-    for line in SAMPLE_DATA.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
-        texts.append(" ".join([record["instruction"], record["context"], record["response"]]))
-    return texts + [INTRO_BLURB, PROMPT_WITH_INPUT_FORMAT] * 10
-
-
 @pytest.fixture(scope="session")
 def sample_path() -> Path:
     return SAMPLE_DATA
@@ -38,10 +26,9 @@ def sample_path() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A random-initialised two-layer GPT-NeoX with a byte-level BPE tokenizer trained on the sample data."""
-    from training.synthetic import build_pythia_model
+    from training.synthetic import build_tiny_sample_model
 
-    # 500 tokens in 512 embedding rows: the added Dolly tokens fit without resizing, as with real Pythia.
-    return build_pythia_model(tmp_path_factory.mktemp("tiny-pythia"), sample_texts(), shape="tiny", vocab_size=500)
+    return build_tiny_sample_model(tmp_path_factory.mktemp("tiny-pythia"), SAMPLE_DATA)
 
 
 @pytest.fixture(scope="session")

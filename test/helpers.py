@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from training.launch import free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TEST_DIR = Path(__file__).resolve().parent
@@ -19,13 +20,6 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env["PYTHONFAULTHANDLER"] = "1"  # a rank that aborts leaves its stacks in the output
     env.update(extra)
     return env
-
-
-def free_port() -> int:
-    """A free TCP port on the loopback address, for a launcher's rendezvous."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def trainer_command(args: list[str], *, deepspeed_ranks: int | None = None, module: str = "training.trainer") -> list[str]:

@@ -175,9 +175,7 @@ def test_notebook_runs_end_to_end_as_a_script(tiny_model_dir, sample_path, tmp_p
 
 
 def test_launch_cell_fails_with_the_failing_ranks_error(tiny_model_dir, sample_path, tmp_path, capsys):
-    from helpers import free_port
-
-    from training.launch import TrainingFailedError
+    from training.launch import TrainingFailedError, free_port
     from training.notebook import launch_training
 
     data = tmp_path / "bad.jsonl"

@@ -43,14 +43,10 @@ def max_weight_difference(first: Path, second: Path) -> float:
     return max((a[name].float() - b[name].float()).abs().max().item() for name in a)
 
 
-def train_losses(output_dir: Path) -> dict[int, float]:
+def logged(output_dir: Path, key: str) -> dict[int, float]:
+    """``key`` (``loss``, ``learning_rate``) per step, from the finished model's trainer state."""
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
-    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
-
-
-def learning_rates(output_dir: Path) -> dict[int, float]:
-    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
-    return {entry["step"]: entry["learning_rate"] for entry in history if "learning_rate" in entry}
+    return {entry["step"]: entry[key] for entry in history if key in entry}
 
 
 def assert_resumed_like_uninterrupted(reference: Path, resumed_out: Path, resumed: subprocess.CompletedProcess,
@@ -62,11 +58,11 @@ def assert_resumed_like_uninterrupted(reference: Path, resumed_out: Path, resume
     assert is_finished_output(resumed_out)
     assert max_weight_difference(reference / weights, resumed_out / weights) <= 1e-5
     # Same losses and learning rates after the resume point: data order, schedule and RNG continued.
-    reference_losses, resumed_losses = train_losses(reference), train_losses(resumed_out)
+    reference_losses, resumed_losses = logged(reference, "loss"), logged(resumed_out, "loss")
     assert sorted(resumed_losses) == list(range(1, 7))
     for step in range(resumed_from + 1, 7):
         assert resumed_losses[step] == pytest.approx(reference_losses[step], abs=1e-5)
-    assert learning_rates(resumed_out) == learning_rates(reference)
+    assert logged(resumed_out, "learning_rate") == logged(reference, "learning_rate")
 
 
 def run_killed(args: list[str], fault: str) -> None:

@@ -19,8 +19,9 @@ import re
 import shutil
 from pathlib import Path
 
-import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .distributed import barrier
 
 logger = logging.getLogger(__name__)
 
@@ -79,11 +80,6 @@ def remove_incomplete_checkpoints(output_dir: str | os.PathLike) -> None:
         if not is_complete(checkpoint):
             logger.warning("Removing incomplete checkpoint %s", checkpoint)
             shutil.rmtree(checkpoint)
-
-
-def barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def rotate_checkpoints(output_dir: str | os.PathLike, keep: int | None) -> None:

@@ -41,9 +41,20 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def is_distributed() -> bool:
+    """Whether this process is in a started process group."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for in a lone process)."""
+    if is_distributed():
+        torch.distributed.barrier()
+
+
 def leave_process_group() -> bool:
     """Destroy the default process group (and with it every group) if one was started; say whether one was."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not is_distributed():
         return False
     torch.distributed.destroy_process_group()
     return True

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +29,13 @@ RANK_EXIT = re.compile(r"exits with return code = (-?\d+)")
 # What a failing rank prints last: an exception line (``module.Name: message``) or a native abort.
 ERROR_LINE = re.compile(r"^(?:\[rank\d+\]: )?((?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Exit|Interrupt)\b.*"
                         r"|terminate called.*|Fatal Python error.*)$")
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback address, for a launcher's rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 class TrainingFailedError(RuntimeError):

@@ -39,6 +39,13 @@ def describe_holder(lock_path: Path) -> str:
         return "a process that has not written its details yet"
 
 
+def locked_error(output_dir: str | os.PathLike, lock_path: Path) -> OutputDirLockedError:
+    return OutputDirLockedError(
+        f"another run is writing to {output_dir} ({describe_holder(lock_path)}); "
+        "wait for it to finish or choose another --local-output-dir"
+    )
+
+
 class OutputDirLock:
     """Exclusive, non-blocking lock on ``output_dir`` for the life of a run (a context manager)."""
 
@@ -55,10 +62,7 @@ class OutputDirLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise OutputDirLockedError(
-                    f"another run is writing to {self.output_dir} ({describe_holder(self.path)}); "
-                    "wait for it to finish or choose another --local-output-dir"
-                ) from None
+                raise locked_error(self.output_dir, self.path) from None
             # The holder before us may have removed the file between our open and our lock: lock the file that is
             # at the path now, not an unlinked one.
             try:
@@ -118,10 +122,7 @@ def refuse_if_held_by_another_run(output_dir: str | os.PathLike) -> None:
         return  # left by a run that was killed
     except PermissionError:
         pass  # alive, owned by another user
-    raise OutputDirLockedError(
-        f"another run is writing to {output_dir} ({describe_holder(lock_path)}); "
-        "wait for it to finish or choose another --local-output-dir"
-    )
+    raise locked_error(output_dir, lock_path)
 
 
 @contextlib.contextmanager

@@ -56,6 +56,18 @@ def pythia_config(shape: str, vocab_size: int, max_position_embeddings: int = 20
     )
 
 
+def build_tiny_sample_model(out_dir: str | Path, sample_path: str | Path) -> Path:
+    """The tests' and benchmarks' tiny GPT-NeoX, its tokenizer trained on ``sample_path``'s records and the template.
+
+    500 tokens in 512 embedding rows: the added Dolly tokens fit without resizing, as with real Pythia.
+    """
+    from .consts import INTRO_BLURB, PROMPT_WITH_INPUT_FORMAT
+    from .data import read_records
+
+    texts = [" ".join([r["instruction"], r["context"], r["response"]]) for r in read_records(str(sample_path))]
+    return build_pythia_model(out_dir, texts + [INTRO_BLURB, PROMPT_WITH_INPUT_FORMAT] * 10, shape="tiny", vocab_size=500)
+
+
 def build_pythia_model(
     out_dir: str | Path,
     texts: Iterable[str] = (),

@@ -16,13 +16,13 @@ from transformers import Trainer, TrainingArguments, set_seed
 
 from .collators import DataCollatorForCompletionOnlyLM, DataCollatorForPackedCompletionOnlyLM
 from .consts import DEFAULT_INPUT_MODEL, DEFAULT_SEED, DEFAULT_TRAINING_DATASET
-from .data import load_training_dataset
 from .checkpoints import CheckpointCompletion
+from .data import load_training_dataset
 from .deepspeed_config import deepspeed_config_for
 from .distributed import accelerator_config_for, exit_after_success, is_main_process, leave_process_group
 from .lora import MERGED_ADAPTER_SUBDIR, LoraSettings, apply_lora, merge_adapter
-from .option_checks import check_against_data, deepspeed_config_file, positive_float
 from .modeling import choose_precision, get_model_tokenizer, load_model, load_tokenizer, model_max_length
+from .option_checks import check_against_data, deepspeed_config_file, positive_float
 from .packing import packing_collator, restore_attention
 from .preprocess import preprocess_batch, preprocess_dataset
 from .quantization import quantization_config
