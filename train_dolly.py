@@ -8,7 +8,8 @@
 # MAGIC
 # MAGIC **On Databricks**: attach to a GPU cluster (for example 8x A100 for pythia-12b; see the README for which
 # MAGIC model fits where), set the widgets above and run all cells. The `%pip` and `%tensorboard` cells are
-# MAGIC Databricks magics.
+# MAGIC Databricks magics; `%pip` keeps the runtime's torch. With `num_nodes` above 1 the run trains on that many
+# MAGIC of the cluster's workers through Spark, and `training_dataset` may name a table (`catalog.schema.table`).
 # MAGIC
 # MAGIC **Anywhere else**: `python train_dolly.py` runs this same file. Widget values come from flags
 # MAGIC (`--gpu_family a100 --input_model EleutherAI/pythia-2.8b ...`) or `DOLLY_<WIDGET>` environment variables,
@@ -17,7 +18,14 @@
 
 # COMMAND ----------
 
-# MAGIC %pip install -r requirements.txt
+# MAGIC %pip install -r requirements_no_torch.txt
+
+# COMMAND ----------
+
+# Databricks: the runtime's own CUDA build of torch stays (requirements_no_torch.txt is requirements.txt less torch;
+# to use the tested torch 2.13 instead, install requirements.txt above). Restart Python to load what was installed.
+if "dbutils" in globals():
+    globals()["dbutils"].library.restartPython()
 
 # COMMAND ----------
 
@@ -46,12 +54,18 @@ widgets = NotebookWidgets(globals().get("dbutils"))
 
 from training.data import load_training_dataset
 from training.modeling import load_tokenizer
-from training.notebook import resolve_input_model
+from training.notebook import notebook_spark, resolve_input_model
+from training.spark import names_a_table
 
 # Resolve the model and check the data once, here, before a group of DeepSpeed processes is started.
 input_model = resolve_input_model(widgets.get("input_model"))
 training_dataset = widgets.get("training_dataset")
-load_training_dataset(training_dataset)
+num_nodes = int(widgets.get("num_nodes") or 1)
+# Databricks' Spark session; elsewhere one on the spark_master widget's cluster, if given.
+spark = notebook_spark(globals(), widgets.get("spark_master"), num_nodes)
+dataset_is_table = names_a_table(spark, training_dataset)  # catalog.schema.table: read through Spark below
+if not dataset_is_table:
+    load_training_dataset(training_dataset)
 load_tokenizer(input_model)
 
 # COMMAND ----------
@@ -71,9 +85,26 @@ if paths.dbfs_output_dir:
     os.makedirs(os.path.dirname(paths.dbfs_output_dir), exist_ok=True)
 tensorboard_display_dir = paths.tensorboard_display_dir
 
+if dataset_is_table:
+    from training.spark import table_to_jsonl
+
+    training_dataset = table_to_jsonl(spark, training_dataset, f"{paths.local_output_dir}.records.jsonl")
+
 print(f"Local Output Dir: {paths.local_output_dir}")
 print(f"DBFS Output Dir: {paths.dbfs_output_dir}")
 print(f"Tensorboard Display Dir: {tensorboard_display_dir}")
+
+from training.notebook import mlflow_environment
+
+# Every run is an MLflow run (rank 0 logs it): the workspace's on Databricks, else a store under the training root.
+os.environ.update(
+    mlflow_environment(
+        databricks=databricks,
+        experiment_id=widgets.get("experiment_id"),
+        training_root=os.path.dirname(paths.local_output_dir),
+    )
+)
+print(f"MLflow: {os.environ.get('MLFLOW_TRACKING_URI', 'MLflow default')}")
 
 gpu_family = widgets.get("gpu_family")
 command = deepspeed_command(
@@ -94,9 +125,19 @@ if "--deepspeed" in command:
 
 # COMMAND ----------
 
-from training.notebook import launch_training
+from training.notebook import launch_training, processes_per_node, trainer_args
 
-launch_training(command)
+if num_nodes > 1:  # one Spark worker per node, each running torchrun for its GPUs (see training/spark.py)
+    from training.spark import train_on_spark
+
+    train_on_spark(
+        trainer_args(command),
+        num_nodes=num_nodes,
+        processes_per_node=processes_per_node(spark, widgets.get("num_gpus"), gpu_family),
+        use_gpu=gpu_family != "cpu",
+    )
+else:
+    launch_training(command)
 
 # COMMAND ----------
 
@@ -115,3 +156,13 @@ from training.notebook import EXAMPLE_INSTRUCTIONS
 for instruction in EXAMPLE_INSTRUCTIONS:
     response = generate_response(instruction, model=model, tokenizer=tokenizer)
     print(f"Instruction: {instruction}\n\n{response or '(empty response)'}\n\n-----------\n")
+
+# COMMAND ----------
+
+from training.evaluate import report
+from training.notebook import evaluate_run
+
+# Did training help? Held-out response loss, answers that stop at ### End, and answers side by side, for the model
+# before and after training. The figures also go to the model card (README.md beside the model) and to MLflow.
+evaluation = evaluate_run(paths, training_dataset, baseline=input_model)
+print(report(evaluation))

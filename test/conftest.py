@@ -5,17 +5,30 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_DATA = PROJECT_ROOT / "data" / "dolly_sample.jsonl"
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+CPU_CONFIG = PROJECT_ROOT / "config" / "cpu_config.json"
 
 # DeepSpeed and tokenizers are noisy or fork-unsafe in tests; keep runs quiet and offline.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store(tmp_path_factory) -> str:
+    """Every run the tests start logs to one MLflow store of the session's (a real sqlite store), not the
+    project folder's default ``mlflow.db``."""
+    from training.tracking import local_mlflow_store
+
+    uri = local_mlflow_store(tmp_path_factory.mktemp("mlflow"))
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    return uri
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +42,27 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from training.synthetic import build_tiny_sample_model
 
     return build_tiny_sample_model(tmp_path_factory.mktemp("tiny-pythia"), SAMPLE_DATA)
+
+
+@pytest.fixture(scope="session")
+def zero3_run(tiny_model_dir, tmp_path_factory) -> SimpleNamespace:
+    """One 2-rank ZeRO-3 CPU run of the tiny model (4 steps, checkpoints at 2 and 4, seed 11), logging to an MLflow
+    store of its own: shared by the tests that read such a run (the CLI, run_config.json, MLflow, multi-node)."""
+    from helpers import quick_training_args, run_trainer
+
+    from training.launch import free_port
+    from training.tracking import local_mlflow_store
+
+    folder = tmp_path_factory.mktemp("zero3-run")
+    experiment = "dolly-tests"
+    env = {"MLFLOW_TRACKING_URI": local_mlflow_store(folder / "store", experiment), "MLFLOW_EXPERIMENT_NAME": experiment}
+    out = folder / "out"
+    args = quick_training_args(tiny_model_dir, SAMPLE_DATA, out, "--deepspeed", str(CPU_CONFIG), "--seed", "11")
+    port = free_port()
+    result = run_trainer(args, deepspeed_ranks=2, master_port=port, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return SimpleNamespace(out=out, args=args, env=env, uri=env["MLFLOW_TRACKING_URI"], experiment=experiment,
+                           port=port, result=result)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,16 @@ from training.launch import free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TEST_DIR = Path(__file__).resolve().parent
+NOTEBOOK = PROJECT_ROOT / "train_dolly.py"
+CELL_SEPARATOR = "\n# COMMAND ----------\n"
+
+
+def notebook_cells() -> list[str]:
+    """The notebook's cells, as Databricks splits its source format."""
+    header = "# Databricks notebook source\n"
+    text = NOTEBOOK.read_text()
+    assert text.startswith(header)
+    return [cell.strip("\n") for cell in text[len(header):].split(CELL_SEPARATOR)]
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
@@ -22,11 +32,13 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def trainer_command(args: list[str], *, deepspeed_ranks: int | None = None, module: str = "training.trainer") -> list[str]:
+def trainer_command(
+    args: list[str], *, deepspeed_ranks: int | None = None, module: str = "training.trainer", master_port: int | None = None
+) -> list[str]:
     """``python -m MODULE ARGS``, or under ``deepspeed --num_gpus N`` (on a free port) when ``deepspeed_ranks`` is given."""
     if deepspeed_ranks:
         launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(deepspeed_ranks),
-                    "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+                    "--master_addr", "127.0.0.1", "--master_port", str(master_port or free_port())]
         return launcher + ["--module", module] + args
     return [sys.executable, "-m", module] + args
 
@@ -38,11 +50,12 @@ def run_trainer(
     module: str = "training.trainer",
     env: dict[str, str] | None = None,
     timeout: int = 600,
+    master_port: int | None = None,
     **popen_kwargs,
 ) -> subprocess.CompletedProcess:
     """Run the trainer (or a module wrapping it) to the end and capture its output."""
     return subprocess.run(
-        trainer_command(args, deepspeed_ranks=deepspeed_ranks, module=module), cwd=PROJECT_ROOT,
+        trainer_command(args, deepspeed_ranks=deepspeed_ranks, module=module, master_port=master_port), cwd=PROJECT_ROOT,
         env=subprocess_env(**(env or {})), capture_output=True, text=True, timeout=timeout, **popen_kwargs,
     )
 

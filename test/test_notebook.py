@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import PROJECT_ROOT, subprocess_env
+from helpers import NOTEBOOK, PROJECT_ROOT, notebook_cells, subprocess_env
 
 from training.notebook import (
     EXAMPLE_INSTRUCTIONS,
@@ -17,15 +17,6 @@ from training.notebook import (
     run_paths,
 )
 
-NOTEBOOK = PROJECT_ROOT / "train_dolly.py"
-CELL_SEPARATOR = "\n# COMMAND ----------\n"
-
-
-def notebook_cells() -> list[str]:
-    header = "# Databricks notebook source\n"
-    text = NOTEBOOK.read_text()
-    assert text.startswith(header)
-    return [cell.strip("\n") for cell in text[len(header):].split(CELL_SEPARATOR)]
 
 
 def option(command: list[str], name: str) -> str:
@@ -66,7 +57,7 @@ def test_dollys_recipe_on_gpus():
 def test_lora_and_qlora_switches(family):
     lora = deepspeed_command(input_model="EleutherAI/pythia-12b", gpu_family=family, paths=PATHS, finetuning="lora")
     assert option(lora, "--lora-r") == "16" and "--deepspeed" in lora and "--load-in-4bit" not in lora
-    assert lora[len(lora) - 1 - lora[::-1].index("--lr") + 1] == "1e-4"  # the last --lr wins in click
+    assert float(lora[len(lora) - 1 - lora[::-1].index("--lr") + 1]) == 1e-4  # the last --lr wins in click
     qlora = deepspeed_command(input_model="EleutherAI/pythia-12b", gpu_family=family, paths=PATHS, finetuning="qlora")
     assert "--load-in-4bit" in qlora and option(qlora, "--lora-r") == "16"
     assert "--deepspeed" not in qlora  # ZeRO-3 cannot partition a 4-bit base
@@ -135,7 +126,7 @@ def test_notebook_cells_parse_as_databricks_source():
     assert len(cells) >= 8
     magic_cells = [c for c in cells if c.startswith("# MAGIC")]
     assert all(all(line.startswith("# MAGIC") for line in c.splitlines()) for c in magic_cells)
-    assert any("%pip install -r requirements.txt" in c for c in magic_cells)
+    assert any("%pip install -r requirements_no_torch.txt" in c for c in magic_cells)
     assert any("%tensorboard --logdir '{tensorboard_display_dir}'" in c for c in magic_cells)
     assert magic_cells[0].startswith("# MAGIC %md")
     widget_cell = next(c for c in cells if "NotebookWidgets(" in c)
@@ -145,6 +136,45 @@ def test_notebook_cells_parse_as_databricks_source():
     for cell in cells:
         if not cell.startswith("# MAGIC"):
             compile(cell, "cell", "exec")  # every code cell is plain Python
+
+
+class FakeLibraryDbutils:
+    """dbutils.library as the install cells call it on Databricks."""
+
+    def __init__(self):
+        self.library = self
+        self.restarts = 0
+
+    def restartPython(self):  # noqa: N802 (dbutils' name)
+        self.restarts += 1
+
+
+def test_databricks_install_step_keeps_the_installed_torch(tmp_path):
+    """The notebook's install cells, run as on Databricks: pip's real resolver (offline, dry run) in this
+    environment, whose torch stands for the runtime's, must plan to install no torch; then Python restarts."""
+    import json
+
+    import torch
+
+    cells = notebook_cells()
+    install_at = next(i for i, c in enumerate(cells) if c.startswith("# MAGIC %pip"))
+    requirements = cells[install_at].split()[-1]
+    assert "torch" not in [line.split(">")[0].split("=")[0].strip() for line in (PROJECT_ROOT / requirements).read_text().splitlines()]
+    report = tmp_path / "report.json"
+    planned = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--quiet", "--report", str(report),
+         "-r", str(PROJECT_ROOT / requirements)],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert planned.returncode == 0, planned.stderr[-3000:]
+    to_install = [item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]]
+    assert "torch" not in to_install and torch.__version__.startswith("2.")
+    dbutils = FakeLibraryDbutils()
+    exec(cells[install_at + 1], {"dbutils": dbutils})
+    assert dbutils.restarts == 1
+    # Everywhere else the full requirements, torch included, are what the environment is made from.
+    full = (PROJECT_ROOT / "requirements.txt").read_text().splitlines()
+    assert f"-r {requirements}" in full and any(line.startswith("torch>=") for line in full)
 
 
 def test_the_five_example_instructions_are_dollys():
@@ -161,6 +191,7 @@ def test_notebook_runs_end_to_end_as_a_script(tiny_model_dir, sample_path, tmp_p
     env["DOLLY_INPUT_MODEL"] = str(tiny_model_dir)
     # Tiny model: keep the five generations short.
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    env.pop("MLFLOW_TRACKING_URI", None)  # as a newcomer runs it: the notebook picks the MLflow store
     result = subprocess.run(
         [sys.executable, str(NOTEBOOK), "--local_training_root", str(tmp_path), "--experiment_id", "ci run",
          "--training_dataset", str(sample_path)],
@@ -172,6 +203,15 @@ def test_notebook_runs_end_to_end_as_a_script(tiny_model_dir, sample_path, tmp_p
     for instruction in EXAMPLE_INSTRUCTIONS:
         assert f"Instruction: {instruction}" in result.stdout
     assert re.search(r"\d+/\d+ \[", result.stderr)  # the Trainer's progress bar
+    # The run is in a local MLflow store under the training root, with its evaluation before and after training.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ci run").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert {"eval_trained_response_loss", "eval_baseline_response_loss", "loss"} <= set(runs[0].data.metrics)
+    assert "held-out records of" in result.stdout and (outputs[0] / "evaluation.json").exists()
+    assert "## Evaluation" in (outputs[0] / "README.md").read_text()
 
 
 def test_launch_cell_fails_with_the_failing_ranks_error(tiny_model_dir, sample_path, tmp_path, capsys):

@@ -5,10 +5,15 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
-from training.collators import DataCollatorForCompletionOnlyLM, DataCollatorForPackedCompletionOnlyLM
+from training.collators import DataCollatorForCompletionOnlyLM
 from training.modeling import get_model_tokenizer
-from training.packed_attention import PACKED_SDPA, record_bounds, register_packed_sdpa
-from training.packing import supports_packing
+from training.packing import (
+    PACKED_SDPA,
+    DataCollatorForPackedCompletionOnlyLM,
+    record_bounds,
+    register_packed_sdpa,
+    supports_packing,
+)
 from training.preprocess import IGNORE_INDEX, preprocess_dataset
 
 

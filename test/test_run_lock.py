@@ -36,3 +36,22 @@ def test_other_ranks_refuse_a_live_holder_that_is_not_their_own_main_process(tmp
     holder["ppid"] = os.getppid()  # our own launcher's main process
     (tmp_path / LOCK_FILE_NAME).write_text(json.dumps(holder))
     refuse_if_held_by_another_run(tmp_path)
+
+
+def test_ranks_on_another_node_know_their_own_main_process_by_the_rendezvous(tmp_path, monkeypatch):
+    import socket
+
+    # Another node's launcher is not our parent; the run's rendezvous address is what the ranks share.
+    holder = {"pid": os.getpid(), "ppid": os.getppid() + 1, "host": socket.gethostname(), "started": "t", "command": "c",
+              "rendezvous": "127.0.0.1:29611"}
+    (tmp_path / LOCK_FILE_NAME).write_text(json.dumps(holder))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29611")
+    refuse_if_held_by_another_run(tmp_path)
+    monkeypatch.setenv("MASTER_PORT", "29612")  # another run's ranks
+    with pytest.raises(OutputDirLockedError):
+        refuse_if_held_by_another_run(tmp_path)
+    monkeypatch.delenv("MASTER_ADDR")
+    monkeypatch.delenv("MASTER_PORT")
+    with pytest.raises(OutputDirLockedError):
+        refuse_if_held_by_another_run(tmp_path)

@@ -18,10 +18,9 @@ def assert_ok(result):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
 
 
-def test_deepspeed_zero3_two_cpu_ranks_train_save_and_answer(tiny_model_dir, sample_path, tmp_path):
-    out = tmp_path / "out"
-    args = quick_training_args(tiny_model_dir, sample_path, out, "--deepspeed", str(PROJECT_ROOT / "config/cpu_config.json"))
-    result = run_trainer(args, deepspeed_ranks=2)
+def test_deepspeed_zero3_two_cpu_ranks_train_save_and_answer(zero3_run):
+    out, result = zero3_run.out, zero3_run.result  # deepspeed --num_gpus 2 --module training.trainer (conftest)
+    assert "--deepspeed" in zero3_run.args
     assert_ok(result)
     log = result.stdout + result.stderr
     assert "eval_loss" in log

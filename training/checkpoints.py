@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
@@ -96,16 +97,20 @@ class CheckpointCompletion(TrainerCallback):
     """After each save, once every rank has written its part, mark the checkpoint complete, then rotate.
 
     Give the Trainer ``save_total_limit=None`` and this callback the limit, so rotation counts complete
-    checkpoints only.
+    checkpoints only. ``write_beside`` (rank 0, before the marker) adds files to each checkpoint, such as the run's
+    ``run_config.json``: a checkpoint marked complete has them.
     """
 
-    def __init__(self, save_total_limit: int | None = None):
+    def __init__(self, save_total_limit: int | None = None, write_beside: Callable[[Path], object] | None = None):
         self.save_total_limit = save_total_limit
+        self.write_beside = write_beside
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         barrier()
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and checkpoint.is_dir():
+            if self.write_beside is not None:
+                self.write_beside(checkpoint)
             record = {"global_step": state.global_step, "world_size": args.world_size}
             write_atomically(checkpoint / COMPLETE_MARKER, json.dumps(record) + "\n")
             logger.info("Checkpoint %s complete", checkpoint)

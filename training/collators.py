@@ -1,4 +1,4 @@
-"""Batching tokenized records for completion-only training: padded (Dolly's way) or packed without padding."""
+"""Batching tokenized records for completion-only training, Dolly's way: padded rows (packed rows: training/packing.py)."""
 
 from __future__ import annotations
 
@@ -59,44 +59,3 @@ class DataCollatorForCompletionOnlyLM:
             labels[row, :length] = torch.as_tensor(labels_for(example, self.tokenizer))
             attention_mask[row, :length] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-@dataclass
-class DataCollatorForPackedCompletionOnlyLM:
-    """Packs a batch into one row with no padding: position ids restart at each record.
-
-    Without an attention mask (and without a KV cache, which would hide the packing from it), transformers builds a
-    block-diagonal causal mask from the restarting position ids, so no record attends to another. A record's first
-    label is always -100, so nothing is learned across a boundary.
-
-    With ``response_logits_only``, the model computes vocabulary logits only where a response token is predicted
-    (``logits_to_keep``), and the loss reads the matching targets from ``shift_labels``: the same loss, without
-    the output layer's work on prompt tokens. ``labels`` stay in the batch for counting tokens.
-    """
-
-    tokenizer: PreTrainedTokenizerBase
-    response_logits_only: bool = True
-    return_tensors: str = "pt"
-
-    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        input_ids: list[int] = []
-        labels: list[int] = []
-        position_ids: list[int] = []
-        for example in examples:
-            record_labels = labels_for(example, self.tokenizer)
-            record_labels[0] = IGNORE_INDEX
-            input_ids.extend(example["input_ids"])
-            labels.extend(record_labels)
-            position_ids.extend(range(len(example["input_ids"])))
-        batch: dict[str, Any] = {
-            "input_ids": torch.tensor([input_ids], dtype=torch.long),
-            "labels": torch.tensor([labels], dtype=torch.long),
-            "position_ids": torch.tensor([position_ids], dtype=torch.long),
-            "use_cache": False,
-        }
-        if self.response_logits_only:
-            targets = batch["labels"][0, 1:]
-            predicting = torch.nonzero(targets != IGNORE_INDEX).flatten()
-            batch["logits_to_keep"] = predicting
-            batch["shift_labels"] = targets[predicting].unsqueeze(0)
-        return batch

@@ -40,12 +40,25 @@ def requirements_fingerprint(requirement_files: list[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
+def requirement_files(requirements: str) -> list[Path]:
+    """``requirements`` and every file it includes with ``-r``, recursively."""
+    files: list[Path] = []
+    pending = [PROJECT_ROOT / requirements]
+    while pending:
+        path = pending.pop(0)
+        if path in files:
+            continue
+        files.append(path)
+        for line in path.read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[0] in ("-r", "--requirement"):
+                pending.append(path.parent / parts[1])
+    return files
+
+
 def install_marker(requirements: str, venv_dir: Path = VENV_DIR) -> Path:
-    """The file that records ``requirements`` (and the base requirements it includes) as installed, as they are now."""
-    files = [PROJECT_ROOT / requirements]
-    if requirements != BASE_REQUIREMENTS:
-        files.append(PROJECT_ROOT / BASE_REQUIREMENTS)
-    return venv_dir / f".installed-{requirements}-{requirements_fingerprint(files)}"
+    """The file that records ``requirements`` (and the files it includes) as installed, as they are now."""
+    return venv_dir / f".installed-{requirements}-{requirements_fingerprint(requirement_files(requirements))}"
 
 
 def ensure_env(requirements: str = DEV_REQUIREMENTS, venv_dir: Path = VENV_DIR) -> Path:

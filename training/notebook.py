@@ -12,13 +12,14 @@ import logging
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from .consts import DEFAULT_INPUT_MODEL, DEFAULT_TRAINING_DATASET, SUGGESTED_INPUT_MODELS
 from .launch import run_launcher
+from .settings import TrainSettings, command_line
 
 logger = logging.getLogger(__name__)
 
@@ -38,46 +39,61 @@ EXAMPLE_INSTRUCTIONS = [
     "Give me a list of 5 science fiction books I should read next.",
 ]
 
-# What each fine-tuning method adds to the trainer's command line. QLoRA's 4-bit base cannot be partitioned by
-# ZeRO-3, so it runs without a DeepSpeed config: one data-parallel process per GPU, each holding the 4-bit model.
-LORA_ARGS = ("--lora-r", "16", "--lora-alpha", "32", "--lr", "1e-4")
-FINETUNING_ARGS: dict[str, tuple[str, ...]] = {
-    "full": (),
-    "lora": LORA_ARGS,
-    "qlora": LORA_ARGS + ("--load-in-4bit",),
+# The notebook's runs, as overrides of the trainer's settings (training.settings.TrainSettings): what every
+# notebook run sets, then the GPU family's recipe, then the fine-tuning method, later ones winning.
+NOTEBOOK_SETTINGS: dict[str, Any] = {"save_total_limit": 20}
+DOLLY_RECIPE: dict[str, Any] = {
+    "epochs": 2, "lr": 5e-6, "warmup_steps": 50, "test_size": 200, "save_steps": 200, "eval_steps": 50,
+    "logging_steps": 10,
 }
 
 
+def config_file(name: str) -> str:
+    return str(PROJECT_ROOT / "config" / name)
+
+
 @dataclass(frozen=True)
-class FamilySettings:
-    """Training settings per GPU family: Dolly's for its three, the same recipe on H100, and a CPU demo."""
+class GpuFamily:
+    """A GPU family's training settings (overrides of the trainer's), and the dtype the notebook generates in."""
 
-    config_file: str
-    batch_size: int
-    bf16: bool | None  # None: let the trainer detect
-    epochs: float = 2
-    lr: float = 5e-6
-    warmup_steps: int = 50
-    test_size: str = "200"
-    save_steps: int = 200
-    eval_steps: int = 50
-    logging_steps: int = 10
+    settings: dict[str, Any]
     generation_dtype: str = "auto"
-    extra_args: tuple[str, ...] = field(default_factory=tuple)
 
 
-GPU_FAMILIES: dict[str, FamilySettings] = {
-    "v100": FamilySettings("v100_config.json", batch_size=3, bf16=False, generation_dtype="float16"),
-    "a10": FamilySettings("a10_config.json", batch_size=4, bf16=None, generation_dtype="bfloat16"),
-    "a100": FamilySettings("a100_config.json", batch_size=6, bf16=None, generation_dtype="bfloat16"),
+def dolly_recipe(config: str, batch_size: int, **overrides: Any) -> dict[str, Any]:
+    """Dolly's recipe on a ZeRO config with a per-device batch size (for training and evaluation)."""
+    return {
+        **DOLLY_RECIPE,
+        "deepspeed": config_file(config),
+        "per_device_train_batch_size": batch_size,
+        "per_device_eval_batch_size": batch_size,
+        **overrides,
+    }
+
+
+GPU_FAMILIES: dict[str, GpuFamily] = {
+    "v100": GpuFamily(dolly_recipe("v100_config.json", 3, bf16=False), generation_dtype="float16"),
+    "a10": GpuFamily(dolly_recipe("a10_config.json", 4), generation_dtype="bfloat16"),
+    "a100": GpuFamily(dolly_recipe("a100_config.json", 6), generation_dtype="bfloat16"),
     # H100 80GB runs the A100 recipe; its batch size is Dolly's A100 one until measured otherwise.
-    "h100": FamilySettings("a100_config.json", batch_size=6, bf16=None, generation_dtype="bfloat16"),
+    "h100": GpuFamily(dolly_recipe("a100_config.json", 6), generation_dtype="bfloat16"),
     # A short offline run that finishes in minutes on two cores, with a learning rate a 135M model learns from.
-    "cpu": FamilySettings(
-        "cpu_config.json", batch_size=2, bf16=None, epochs=2, lr=1e-4, warmup_steps=2, test_size="4",
-        save_steps=1000, eval_steps=10, logging_steps=2, generation_dtype="float32",
-        extra_args=("--max-length", "512"),
+    "cpu": GpuFamily(
+        dolly_recipe(
+            "cpu_config.json", 2, lr=1e-4, warmup_steps=2, test_size=4, save_steps=1000, eval_steps=10,
+            logging_steps=2, max_length=512,
+        ),
+        generation_dtype="float32",
     ),
+}
+
+# What each fine-tuning method changes. QLoRA's 4-bit base cannot be partitioned by ZeRO-3, so it runs without a
+# DeepSpeed config: one data-parallel process per GPU, each holding the 4-bit model.
+LORA_SETTINGS: dict[str, Any] = {"lora_r": 16, "lora_alpha": 32, "lr": 1e-4}
+FINETUNING: dict[str, dict[str, Any]] = {
+    "full": {},
+    "lora": LORA_SETTINGS,
+    "qlora": {**LORA_SETTINGS, "load_in_4bit": True, "deepspeed": None},
 }
 
 
@@ -98,7 +114,10 @@ WIDGETS = [
     Widget("experiment_id", "", ""),
     Widget("gpu_family", "a100", "cpu", tuple(GPU_FAMILIES), "dropdown"),
     Widget("training_dataset", DEFAULT_TRAINING_DATASET, SAMPLE_DATASET),
-    Widget("finetuning", "full", "full", tuple(FINETUNING_ARGS), "dropdown"),
+    Widget("finetuning", "full", "full", tuple(FINETUNING), "dropdown"),
+    # Above 1, training runs on that many Spark workers (the cluster's on Databricks; elsewhere spark_master's).
+    Widget("num_nodes", "1", "1"),
+    Widget("spark_master", "", ""),
 ]
 
 
@@ -194,6 +213,35 @@ def resolve_input_model(input_model: str) -> str:
     return input_model
 
 
+def notebook_settings(
+    *,
+    input_model: str,
+    gpu_family: str,
+    paths: RunPaths,
+    training_dataset: str = DEFAULT_TRAINING_DATASET,
+    finetuning: str = "full",
+) -> dict[str, Any]:
+    """The trainer's settings a notebook run sets: the notebook's, the family's, the method's, then the widgets'.
+
+    Checked as a whole (``TrainSettings``), so a bad combination fails here, before anything is launched.
+    """
+    if gpu_family not in GPU_FAMILIES:
+        raise ValueError(f"unknown gpu_family '{gpu_family}'; choose one of {', '.join(GPU_FAMILIES)}")
+    if finetuning not in FINETUNING:
+        raise ValueError(f"unknown finetuning '{finetuning}'; choose one of {', '.join(FINETUNING)}")
+    overrides = {
+        **NOTEBOOK_SETTINGS,
+        **GPU_FAMILIES[gpu_family].settings,
+        **FINETUNING[finetuning],
+        "input_model": input_model,
+        "training_dataset": training_dataset,
+        "local_output_dir": paths.local_output_dir,
+        "dbfs_output_dir": paths.dbfs_output_dir,
+    }
+    TrainSettings(**overrides)
+    return overrides
+
+
 def deepspeed_command(
     *,
     input_model: str,
@@ -206,43 +254,102 @@ def deepspeed_command(
 ) -> list[str]:
     """The ``deepspeed ... --module training.trainer ...`` command line for a GPU family and fine-tuning method.
 
-    Later options win in click, so the method's learning rate replaces the family's.
+    The trainer's flags are generated from :func:`notebook_settings`; ``extra_args`` are appended as given, and win.
     """
-    if gpu_family not in GPU_FAMILIES:
-        raise ValueError(f"unknown gpu_family '{gpu_family}'; choose one of {', '.join(GPU_FAMILIES)}")
-    if finetuning not in FINETUNING_ARGS:
-        raise ValueError(f"unknown finetuning '{finetuning}'; choose one of {', '.join(FINETUNING_ARGS)}")
-    family = GPU_FAMILIES[gpu_family]
+    settings = notebook_settings(
+        input_model=input_model, gpu_family=gpu_family, paths=paths, training_dataset=training_dataset,
+        finetuning=finetuning,
+    )
     command = ["deepspeed"]
     if num_gpus:
         command.append(f"--num_gpus={int(num_gpus)}")
-    command += [
-        "--module", "training.trainer",
-        "--input-model", input_model,
-    ]
-    if finetuning != "qlora":
-        command += ["--deepspeed", str(PROJECT_ROOT / "config" / family.config_file)]
-    command += [
-        "--training-dataset", training_dataset,
-        "--epochs", str(family.epochs),
-        "--local-output-dir", paths.local_output_dir,
-    ]
+    return command + ["--module", "training.trainer"] + command_line(settings) + list(extra_args)
+
+
+def trainer_args(deepspeed_command: list[str]) -> list[str]:
+    """The trainer's own arguments in a launcher command line (what follows ``--module training.trainer``)."""
+    return deepspeed_command[deepspeed_command.index("training.trainer") + 1 :]
+
+
+def notebook_spark(namespace: dict[str, Any], spark_master: str, num_nodes: int) -> Any:
+    """The Spark session the notebook uses: Databricks' own; elsewhere one on ``spark_master`` if given; else None.
+
+    Outside Databricks, a run on more than one node needs a Spark cluster to run on.
+    """
+    if "spark" in namespace and on_databricks(namespace):
+        return namespace["spark"]
+    if not spark_master:
+        if num_nodes > 1:
+            raise ValueError(
+                f"num_nodes={num_nodes} trains on Spark workers: outside Databricks, give the cluster's master URL "
+                "(--spark_master spark://HOST:7077, or DOLLY_SPARK_MASTER)"
+            )
+        return None
+    from pyspark.sql import SparkSession
+
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # the workers run this environment's Python
+    return SparkSession.builder.master(spark_master).appName("dolly").getOrCreate()
+
+
+def processes_per_node(spark: Any, num_gpus: str, gpu_family: str) -> int:
+    """Training processes per Spark worker: one on CPU workers, else ``num_gpus`` or each worker's GPU count."""
+    if gpu_family == "cpu":
+        return 1
+    if num_gpus:
+        return int(num_gpus)
+    gpus = spark.conf.get("spark.executor.resource.gpu.amount", None)
+    if not gpus:
+        raise ValueError("set num_gpus to the GPUs per worker (the cluster does not say: spark.executor.resource.gpu.amount)")
+    return int(float(gpus))
+
+
+MLFLOW_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")
+DEFAULT_EXPERIMENT = "dolly"
+
+
+def mlflow_environment(
+    *, databricks: bool, experiment_id: str, training_root: str, environ: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The MLflow variables the trainer's processes get (none when the user set MLflow's own).
+
+    On Databricks the runs go to the workspace's tracking server, into the experiment ``experiment_id`` names: an
+    experiment ID, a workspace path, or a name (kept under ``/Shared``); empty, the notebook's own experiment.
+    Elsewhere they go to a sqlite store under the training root (``mlflow ui --backend-store-uri`` it).
+    """
+    environ = os.environ if environ is None else environ
+    if any(environ.get(name) for name in MLFLOW_VARIABLES):
+        return {}
+    experiment_id = experiment_id.strip()
+    if databricks:
+        variables = {"MLFLOW_TRACKING_URI": "databricks"}
+        if experiment_id.isdigit():
+            variables["MLFLOW_EXPERIMENT_ID"] = experiment_id
+        elif experiment_id:
+            variables["MLFLOW_EXPERIMENT_NAME"] = experiment_id if experiment_id.startswith("/") else f"/Shared/{experiment_id}"
+        else:
+            import mlflow
+
+            variables["MLFLOW_EXPERIMENT_ID"] = mlflow.tracking.fluent._get_experiment_id()  # the notebook's
+        return variables
+    from .tracking import local_mlflow_store
+
+    name = experiment_id or DEFAULT_EXPERIMENT
+    return {"MLFLOW_TRACKING_URI": local_mlflow_store(training_root, name), "MLFLOW_EXPERIMENT_NAME": name}
+
+
+def evaluate_run(paths: RunPaths, training_dataset: str, baseline: str, *, answered: int = 4) -> dict[str, Any]:
+    """Evaluate the trained model against its base model (``training.evaluate``); the figures land beside the
+    model (and its DBFS copy), in its model card and in its MLflow run."""
+    import shutil
+
+    from .evaluate import evaluate
+    from .model_card import CARD_NAME, EVALUATION_NAME
+
+    result = evaluate(paths.local_output_dir, training_dataset, baseline=baseline, answered=answered)
     if paths.dbfs_output_dir:
-        command += ["--dbfs-output-dir", paths.dbfs_output_dir]
-    command += [
-        "--per-device-train-batch-size", str(family.batch_size),
-        "--per-device-eval-batch-size", str(family.batch_size),
-        "--logging-steps", str(family.logging_steps),
-        "--save-steps", str(family.save_steps),
-        "--save-total-limit", "20",
-        "--eval-steps", str(family.eval_steps),
-        "--warmup-steps", str(family.warmup_steps),
-        "--test-size", family.test_size,
-        "--lr", str(family.lr),
-    ]
-    if family.bf16 is False:
-        command += ["--bf16", "false"]
-    return command + list(family.extra_args) + list(FINETUNING_ARGS[finetuning]) + list(extra_args)
+        for name in (EVALUATION_NAME, CARD_NAME):
+            shutil.copy2(Path(paths.local_output_dir) / name, Path(paths.dbfs_output_dir) / name)
+    return result
 
 
 def launch_training(command: list[str], output_dir: str | None = None) -> None:

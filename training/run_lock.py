@@ -28,6 +28,12 @@ class OutputDirLockedError(RuntimeError):
     """Another run is writing to this output folder."""
 
 
+def rendezvous() -> str | None:
+    """What every rank of one distributed run shares, on every node: its rendezvous address (None alone)."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    return f"{addr}:{port}" if addr and port else None
+
+
 def describe_holder(lock_path: Path) -> str:
     """Who holds the lock, as the holder wrote it (or what is known when it could not be read)."""
     try:
@@ -78,6 +84,7 @@ class OutputDirLock:
             "host": socket.gethostname(),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(sys.argv),
+            "rendezvous": rendezvous(),
         }
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(holder).encode())
@@ -107,7 +114,8 @@ def refuse_if_held_by_another_run(output_dir: str | os.PathLike) -> None:
     """For a run's other ranks: refuse early when a live process of another run holds the folder's lock.
 
     Only the main process takes the lock; the others must not touch it (a lock attempt of theirs could make the main
-    process's fail). The holder is this run's own main process when it shares our parent (the launcher).
+    process's fail). The holder is this run's own main process when it shares our parent (the launcher) or our
+    rendezvous address (a launcher on another node: no two live runs can listen on one address).
     """
     lock_path = Path(output_dir) / LOCK_FILE_NAME
     try:
@@ -115,6 +123,8 @@ def refuse_if_held_by_another_run(output_dir: str | os.PathLike) -> None:
     except (OSError, ValueError):
         return
     if holder.get("host") != socket.gethostname() or holder.get("ppid") == os.getppid():
+        return
+    if holder.get("rendezvous") is not None and holder.get("rendezvous") == rendezvous():
         return
     try:
         os.kill(int(holder["pid"]), 0)

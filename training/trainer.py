@@ -6,27 +6,37 @@ The public names of Dolly's ``training/trainer.py`` are kept here, so code writt
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import time
 from pathlib import Path
+from typing import Any
 
 import click
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments, set_seed
 
-from .collators import DataCollatorForCompletionOnlyLM, DataCollatorForPackedCompletionOnlyLM
-from .consts import DEFAULT_INPUT_MODEL, DEFAULT_SEED, DEFAULT_TRAINING_DATASET
+from .collators import DataCollatorForCompletionOnlyLM
 from .checkpoints import CheckpointCompletion
 from .data import load_training_dataset
 from .deepspeed_config import deepspeed_config_for
-from .distributed import accelerator_config_for, exit_after_success, is_main_process, leave_process_group
+from .distributed import (
+    accelerator_config_for,
+    exit_after_success,
+    forget_shared_memory_segment,
+    is_main_process,
+    leave_process_group,
+)
 from .lora import MERGED_ADAPTER_SUBDIR, LoraSettings, apply_lora, merge_adapter
 from .modeling import choose_precision, get_model_tokenizer, load_model, load_tokenizer, model_max_length
-from .option_checks import check_against_data, deepspeed_config_file, positive_float
-from .packing import packing_collator, restore_attention
+from .option_checks import check_against_data
+from .packing import DataCollatorForPackedCompletionOnlyLM, packed_batches, unwrap
 from .preprocess import preprocess_batch, preprocess_dataset
 from .quantization import quantization_config
 from .run_lock import run_lock
+from .model_card import CARD_NAME, LOSS_PLOT_NAME, read_json, write_model_card
+from .run_record import RUN_CONFIG_NAME, RecordAtTrainBegin, RunRecord, read_run_config
 from .saving import (
     STAGING_PREFIX,
     add_pipeline_to_config,
@@ -36,6 +46,8 @@ from .saving import (
     save_failed,
     write_pipeline_code,
 )
+from .settings import SettingsError, TrainSettings, click_options, given_settings, parse_test_size
+from .tracking import log_run_files, mlflow_run
 
 __all__ = [
     "DataCollatorForCompletionOnlyLM",
@@ -46,6 +58,7 @@ __all__ = [
     "load_training_dataset",
     "preprocess_batch",
     "preprocess_dataset",
+    "parse_test_size",
     "train",
 ]
 
@@ -56,7 +69,23 @@ TRAINING_LOG_NAME = "trainer_state.json"
 
 
 class DollyTrainer(Trainer):
-    """The Hugging Face Trainer, with a checkpoint that cannot be written reported as what it is."""
+    """The Hugging Face Trainer, with a checkpoint that cannot be written reported as what it is, and the tokens per
+    second since the last log in every training log (so MLflow and TensorBoard show throughput per step)."""
+
+    _last_log: tuple[float, int] | None = None  # (time, input tokens seen) at the previous training log
+
+    def train(self, *args, **kwargs):
+        self._last_log = None
+        return super().train(*args, **kwargs)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self.args.include_num_input_tokens_seen != "no":
+            now, seen = time.time(), self.state.num_input_tokens_seen  # the clock of start_time
+            since = self._last_log or (start_time or now, getattr(self, "_initial_num_input_tokens_seen", 0))
+            if now > since[0]:
+                logs["tokens_per_second"] = round((seen - since[1]) / (now - since[0]), 1)
+            self._last_log = (now, seen)
+        super().log(logs, start_time)
 
     def _save_checkpoint(self, model, trial) -> None:
         try:
@@ -64,18 +93,6 @@ class DollyTrainer(Trainer):
         except Exception as err:
             checkpoint = f"checkpoint-{self.state.global_step}"
             raise save_failed(err, checkpoint, Path(self.args.output_dir)) from err
-
-
-def parse_test_size(value: str | float | int) -> float | int:
-    """A held-out count ("1000") or a ratio ("0.1"); 0 turns evaluation off."""
-    number = float(value)
-    if number < 0:
-        raise ValueError(f"--test-size must not be negative, got {value}")
-    if 0 < number < 1:
-        return number
-    if number != int(number):
-        raise ValueError(f"--test-size must be a whole count or a ratio below 1, got {value}")
-    return int(number)
 
 
 def split_dataset(dataset: Dataset, test_size: float | int, seed: int) -> tuple[Dataset, Dataset | None]:
@@ -89,147 +106,175 @@ def split_dataset(dataset: Dataset, test_size: float | int, seed: int) -> tuple[
     return split["train"], split["test"]
 
 
-def train(
-    *,
-    input_model: str = DEFAULT_INPUT_MODEL,
-    local_output_dir: str,
-    dbfs_output_dir: str | None = None,
-    epochs: float = 3,
-    per_device_train_batch_size: int = 8,
-    per_device_eval_batch_size: int = 8,
-    gradient_accumulation_steps: int = 1,
-    lr: float = 1e-5,
-    seed: int = DEFAULT_SEED,
-    deepspeed: str | None = None,
-    gradient_checkpointing: bool = True,
-    local_rank: str | int | None = None,
-    bf16: bool | None = None,
-    logging_steps: int = 10,
-    save_steps: int = 400,
-    eval_steps: int = 50,
-    test_size: float | int = 1000,
-    save_total_limit: int = 10,
-    warmup_steps: int | None = None,
-    training_dataset: str = DEFAULT_TRAINING_DATASET,
-    max_length: int | None = None,
-    max_steps: int = -1,
-    packing: bool = True,
-    resume: bool = False,
-    overwrite_output_dir: bool = False,
-    trust_remote_code: bool = False,
-    lora_r: int = 0,
-    lora_alpha: int = 32,
-    lora_dropout: float = 0.0,
-    lora_target_modules: str | tuple[str, ...] = (),
-    load_in_4bit: bool = False,
-    load_in_8bit: bool = False,
-    merge_lora: bool = True,
-) -> Path:
-    """Fine-tune ``input_model`` on ``training_dataset`` and save a pipeline-ready model to ``local_output_dir``.
+def training_arguments(settings: TrainSettings, precision: str) -> TrainingArguments:
+    """The Hugging Face ``TrainingArguments`` for a run's settings, in the precision chosen for this machine."""
+    gradient_checkpointing = settings.gradient_checkpointing
+    return TrainingArguments(
+        output_dir=settings.local_output_dir,
+        per_device_train_batch_size=settings.per_device_train_batch_size,
+        per_device_eval_batch_size=settings.per_device_eval_batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        fp16=precision == "fp16",
+        bf16=precision == "bf16",
+        learning_rate=settings.lr,
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        deepspeed=deepspeed_config_for(settings.deepspeed, lora=settings.lora_r > 0),
+        accelerator_config=accelerator_config_for(settings.deepspeed),
+        activation_checkpointing=gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        logging_strategy="steps",
+        logging_steps=settings.logging_steps,
+        eval_strategy="steps" if settings.test_size else "no",
+        eval_steps=settings.eval_steps,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=None,  # rotation counts complete checkpoints only: see CheckpointCompletion
+        load_best_model_at_end=False,
+        report_to=["tensorboard", "mlflow"] if settings.mlflow else ["tensorboard"],
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        prediction_loss_only=True,
+        warmup_steps=settings.warmup_steps or 0,
+        seed=settings.seed,
+    )
 
-    With ``lora_r`` > 0 only LoRA adapters (and the new tokens' rows) train; ``load_in_4bit``/``load_in_8bit`` load
-    the frozen base quantized (QLoRA). ``merge_lora`` saves a plain merged model (with the adapter in ``adapter/``);
-    otherwise the output holds the adapter alone. ``local_rank`` is accepted for the DeepSpeed launcher; the
-    process's rank is read from its environment.
+
+def parameter_count(model) -> int:
+    """Parameters of a model, also when ZeRO-3 has partitioned them (each then knows its full size)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def train(settings: TrainSettings | None = None, **kwargs) -> Path:
+    """Fine-tune a model on dolly records and save a pipeline-ready model to ``local_output_dir``.
+
+    Takes Dolly's keywords (``train(input_model=..., local_output_dir=..., epochs=..., ...)``) and ours: each is a
+    field of :class:`~training.settings.TrainSettings`, where its default and meaning are. Or pass the settings
+    themselves (keywords then override them).
     """
-    del local_rank
-    if isinstance(lora_target_modules, str):
-        lora_target_modules = tuple(m.strip() for m in lora_target_modules.split(",") if m.strip())
-    lora = LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=lora_target_modules)
-    quantization = quantization_config(load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
-    if quantization is not None and not lora.enabled:
-        raise ValueError("--load-in-4bit/--load-in-8bit train LoRA adapters on a frozen base: give --lora-r > 0")
-    if quantization is not None and deepspeed:
-        raise ValueError(
-            "ZeRO-3 cannot partition bitsandbytes weights: run QLoRA without --deepspeed "
-            "(the DeepSpeed launcher still starts one data-parallel rank per GPU)"
-        )
-    output_dir = Path(local_output_dir)
+    if settings is None:
+        settings = TrainSettings(**kwargs)
+    elif kwargs:
+        settings = dataclasses.replace(settings, **kwargs)
+    lora = LoraSettings(
+        r=settings.lora_r, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
+        target_modules=settings.lora_target_modules,
+    )
+    quantization = quantization_config(load_in_8bit=settings.load_in_8bit, load_in_4bit=settings.load_in_4bit)
+    output_dir = Path(settings.local_output_dir)
     main_process = is_main_process()
+    record = RunRecord(settings)
     with run_lock(output_dir, main_process):
         resume_from = prepare_output_dir(
-            output_dir, resume=resume, overwrite=overwrite_output_dir, is_main_process=main_process
+            output_dir, resume=settings.resume, overwrite=settings.overwrite_output_dir, is_main_process=main_process
         )
-        set_seed(seed)
-        precision = choose_precision(bf16)
+        set_seed(settings.seed)
+        precision = choose_precision(settings.bf16)
         logger.info("Training in %s", precision)
 
         # TrainingArguments come first so that, under ZeRO-3, the model is loaded straight into partitions.
-        training_args = TrainingArguments(
-            output_dir=str(output_dir),
-            per_device_train_batch_size=per_device_train_batch_size,
-            per_device_eval_batch_size=per_device_eval_batch_size,
-            gradient_accumulation_steps=gradient_accumulation_steps,
-            fp16=precision == "fp16",
-            bf16=precision == "bf16",
-            learning_rate=lr,
-            num_train_epochs=epochs,
-            max_steps=max_steps,
-            deepspeed=deepspeed_config_for(deepspeed, lora=lora.enabled),
-            accelerator_config=accelerator_config_for(deepspeed),
-            activation_checkpointing=gradient_checkpointing,
-            activation_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
-            logging_strategy="steps",
-            logging_steps=logging_steps,
-            eval_strategy="steps" if test_size else "no",
-            eval_steps=eval_steps,
-            save_strategy="steps",
-            save_steps=save_steps,
-            save_total_limit=None,  # rotation counts complete checkpoints only: see CheckpointCompletion
-            load_best_model_at_end=False,
-            report_to=["tensorboard"],
-            remove_unused_columns=False,
-            prediction_loss_only=True,
-            warmup_steps=warmup_steps or 0,
-            seed=seed,
-        )
+        training_args = training_arguments(settings, precision)
+        forget_shared_memory_segment()  # the process group has started: see training/distributed.py
         load_kwargs = {}
         if quantization is not None:
             load_kwargs = {"quantization_config": quantization, "device_map": {"": training_args.device}}
         model, tokenizer = get_model_tokenizer(
-            input_model, gradient_checkpointing=gradient_checkpointing, trust_remote_code=trust_remote_code, **load_kwargs
+            settings.input_model,
+            gradient_checkpointing=settings.gradient_checkpointing,
+            trust_remote_code=settings.trust_remote_code,
+            **load_kwargs,
         )
         if lora.enabled:
             model = apply_lora(model, tokenizer, lora, quantized=quantization is not None)
-        max_length = max_length or model_max_length(model)
-        dataset = preprocess_dataset(tokenizer=tokenizer, max_length=max_length, seed=seed, training_dataset=training_dataset)
-        train_dataset, eval_dataset = split_dataset(dataset, test_size, seed)
+        max_length = settings.max_length or model_max_length(model)
+        records = load_training_dataset(settings.training_dataset)
+        dataset = preprocess_dataset(tokenizer=tokenizer, max_length=max_length, seed=settings.seed, training_dataset=records)
+        train_dataset, eval_dataset = split_dataset(dataset, settings.test_size, settings.seed)
+        record.resolved.update(precision=precision, max_length=max_length, resumed_from=str(resume_from) if resume_from else None)
+        record.model = {
+            "input_model": settings.input_model,
+            "model_type": unwrap(model).config.model_type,
+            "parameters": parameter_count(model),
+            "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad),
+        }
+        record.data = {
+            "training_dataset": settings.training_dataset,
+            "records": records.num_rows,
+            "within_max_length": dataset.num_rows,
+            "train_records": train_dataset.num_rows,
+            "eval_records": eval_dataset.num_rows if eval_dataset is not None else 0,
+        }
 
-        data_collator = packing_collator(model, tokenizer) if packing else None
-        if data_collator is None:
-            if packing:
-                logger.warning("This model cannot train on packed rows; grouping records of similar length instead")
-                training_args.train_sampling_strategy = "group_by_length"
-            data_collator = DataCollatorForCompletionOnlyLM(tokenizer=tokenizer, pad_to_multiple_of=8)
-        logger.info("Batching with %s", type(data_collator).__name__)
+        with mlflow_run(settings, main_process=main_process, resumed_from=earlier_mlflow_run(output_dir, settings)) as run:
+            if run is not None:
+                record.resolved["mlflow_run_id"] = run.info.run_id
+            train_and_save(settings, record, run, model, tokenizer, training_args, train_dataset, eval_dataset, resume_from)
+    logger.info("Done.")
+    return output_dir
 
+
+def earlier_mlflow_run(output_dir: Path, settings: TrainSettings) -> str | None:
+    """The MLflow run a resumed training continues (from the run record it left), if any."""
+    if not settings.resume:
+        return None
+    return read_json(output_dir / RUN_CONFIG_NAME).get("resolved", {}).get("mlflow_run_id")
+
+
+def train_and_save(
+    settings: TrainSettings,
+    record: RunRecord,
+    run: Any,
+    model,
+    tokenizer,
+    training_args: TrainingArguments,
+    train_dataset: Dataset,
+    eval_dataset: Dataset | None,
+    resume_from: Path | None,
+) -> None:
+    """Train, then save the finished model (all ranks), its copy and its MLflow model (rank 0)."""
+    output_dir = Path(settings.local_output_dir)
+    # Packed rows change the step (rows, attention, output layer): everything that differs is in training/packing.py.
+    with packed_batches(model, tokenizer, packing=settings.packing) as batching:
+        if batching.group_by_length:
+            training_args.train_sampling_strategy = "group_by_length"
         trainer = DollyTrainer(
             model=model,
             processing_class=tokenizer,
             args=training_args,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
-            data_collator=data_collator,
-            callbacks=[CheckpointCompletion(save_total_limit)],
+            data_collator=batching.collator,
+            callbacks=[RecordAtTrainBegin(record), CheckpointCompletion(settings.save_total_limit, record.write)],
         )
         logger.info("Training")
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        restore_attention(model)
 
-        try:
-            save_trained_model(trainer, tokenizer, output_dir, merge_lora=merge_lora, trust_remote_code=trust_remote_code)
-        except Exception as err:
-            raise save_failed(err, "the finished model", output_dir) from err
-        if dbfs_output_dir and trainer.is_world_process_zero():
-            copy_to_dir(output_dir, dbfs_output_dir)
-        trainer.accelerator.wait_for_everyone()  # no rank leaves while rank 0 is still writing
-        trainer.accelerator.free_memory()  # releases the DeepSpeed engine: its hooks, buffers and optimizer
-    logger.info("Done.")
-    return output_dir
+    try:
+        save_trained_model(
+            trainer, tokenizer, output_dir, merge_lora=settings.merge_lora,
+            trust_remote_code=settings.trust_remote_code, record=record,
+        )
+    except Exception as err:
+        raise save_failed(err, "the finished model", output_dir) from err
+    if settings.dbfs_output_dir and trainer.is_world_process_zero():
+        copy_to_dir(output_dir, settings.dbfs_output_dir)
+    if run is not None:
+        from .mlflow_model import log_pipeline_model
+
+        log_run_files(run, output_dir, [RUN_CONFIG_NAME, CARD_NAME, LOSS_PLOT_NAME])
+        log_pipeline_model(output_dir, registered_model_name=settings.register_model)
+    trainer.accelerator.wait_for_everyone()  # no rank leaves while rank 0 is still writing
+    trainer.accelerator.free_memory()  # releases the DeepSpeed engine: its hooks, buffers and optimizer
 
 
 def save_trained_model(
-    trainer: Trainer, tokenizer, output_dir: Path, *, merge_lora: bool = True, trust_remote_code: bool = False
+    trainer: Trainer,
+    tokenizer,
+    output_dir: Path,
+    *,
+    merge_lora: bool = True,
+    trust_remote_code: bool = False,
+    record: RunRecord | None = None,
 ) -> None:
     """Save model, tokenizer, generation config and pipeline code: staged first, then moved into place.
 
@@ -256,85 +301,49 @@ def save_trained_model(
     elif not is_lora:
         write_pipeline_code(staging)
     trainer.state.save_to_json(str(staging / TRAINING_LOG_NAME))  # the loss history, next to the model
+    if record is not None:
+        record.write(staging)
+    write_model_card(staging, published_as=output_dir)
     publish_dir(staging, output_dir)
 
 
 @click.command()
-@click.option("--input-model", type=str, default=DEFAULT_INPUT_MODEL, help="Input model to fine tune")
-@click.option("--local-output-dir", type=str, required=True, help="Write directly to this local path")
-@click.option("--dbfs-output-dir", type=str, help="Sync data to this path on DBFS")
-@click.option("--epochs", type=float, default=3, callback=positive_float, help="Number of epochs to train for.")
-@click.option("--per-device-train-batch-size", type=click.IntRange(min=1), default=8, help="Batch size to use for training.")
-@click.option("--per-device-eval-batch-size", type=click.IntRange(min=1), default=8, help="Batch size to use for evaluation.")
-@click.option("--gradient-accumulation-steps", type=click.IntRange(min=1), default=1, help="Micro-batches per optimizer step.")
 @click.option(
-    "--test-size", type=str, default="1000", help="Records held out for evaluation: a count, or a ratio below 1."
-)
-@click.option("--warmup-steps", type=int, default=None, help="Number of steps to warm up to learning rate")
-@click.option("--logging-steps", type=click.IntRange(min=1), default=10, help="How often to log")
-@click.option("--eval-steps", type=click.IntRange(min=1), default=50, help="How often to run evaluation on test records")
-@click.option("--save-steps", type=click.IntRange(min=1), default=400, help="How often to checkpoint the model")
-@click.option("--save-total-limit", type=int, default=10, help="Maximum number of checkpoints to keep on disk")
-@click.option("--lr", type=float, default=1e-5, callback=positive_float, help="Learning rate to use for training.")
-@click.option("--seed", type=int, default=DEFAULT_SEED, help="Seed to use for training.")
-@click.option("--deepspeed", type=str, default=None, callback=deepspeed_config_file, help="Path to deepspeed config file.")
-@click.option(
-    "--training-dataset",
-    type=str,
-    default=DEFAULT_TRAINING_DATASET,
-    help="Hub dataset name, local folder, or .jsonl/.json/.parquet file of dolly records.",
-)
-@click.option(
-    "--gradient-checkpointing/--no-gradient-checkpointing",
-    is_flag=True,
-    default=True,
-    help="Use gradient checkpointing?",
-)
-@click.option(
-    "--local_rank",
-    type=str,
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
     default=None,
-    help="Provided by deepspeed to identify which instance this process is when performing multi-GPU training.",
+    help="Replay the settings of a run's run_config.json; options given here win.",
 )
-@click.option("--bf16", type=bool, default=None, help="Whether to use bf16 (preferred on A100's); default: detect.")
-@click.option("--max-length", type=int, default=None, help="Longest record in tokens; default: the model's own.")
-@click.option("--max-steps", type=int, default=-1, help="Stop after this many optimizer steps (overrides --epochs).")
-@click.option(
-    "--packing/--no-packing",
-    default=True,
-    help="Pack records into rows without padding (falls back to length-grouped batches where unsupported).",
-)
-@click.option("--resume/--no-resume", default=False, help="Continue from the latest complete checkpoint.")
-@click.option("--overwrite-output-dir", is_flag=True, default=False, help="Start again in a non-empty output dir.")
-@click.option("--trust-remote-code", is_flag=True, default=False, help="Run code shipped with the model repo.")
-@click.option("--lora-r", type=int, default=0, help="LoRA rank; 0 (the default) fine-tunes every weight.")
-@click.option("--lora-alpha", type=int, default=32, help="LoRA scaling numerator (alpha / r).")
-@click.option("--lora-dropout", type=float, default=0.0, help="Dropout on the LoRA path (costs activation memory).")
-@click.option(
-    "--lora-target-modules", type=str, default="", help="Comma-separated module names; default: per architecture."
-)
-@click.option("--load-in-4bit", is_flag=True, default=False, help="QLoRA: load the frozen base in 4-bit NF4.")
-@click.option("--load-in-8bit", is_flag=True, default=False, help="QLoRA: load the frozen base in 8-bit.")
-@click.option("--merge-lora/--no-merge-lora", default=True, help="Save a merged model (default) or the adapter only.")
-def main(**kwargs) -> None:
+@click_options
+@click.pass_context
+def main(ctx: click.Context, config_file: str | None, **options) -> None:
     """Fine-tune a causal LM on dolly-format instruction records."""
     try:
-        kwargs["test_size"] = parse_test_size(kwargs["test_size"])
-    except ValueError as err:
-        raise click.BadParameter(str(err).removeprefix("--test-size "), param_hint="'--test-size'") from None
-    check_against_data(kwargs)  # before any model is loaded or process group started
+        chosen = {**(read_run_config(config_file) if config_file else {}), **given_settings(ctx)}
+        if "local_output_dir" not in chosen:
+            raise click.UsageError("Missing option '--local-output-dir' (or --config with a run's run_config.json).")
+        settings = TrainSettings(**chosen)
+    except SettingsError as err:
+        raise click.UsageError(str(err)) from None
+    check_against_data(settings)  # before any model is loaded or process group started
     try:
-        train(**kwargs)
+        train(settings)
     finally:
         distributed = leave_process_group()
     if distributed:
         exit_after_success()
 
 
-if __name__ == "__main__":
+def run_cli(argv: list[str] | None = None) -> None:
+    """The command line, with logging set up and a failure logged with its traceback on the rank that failed."""
     logging.basicConfig(format="%(asctime)s %(levelname)s [%(name)s] %(message)s", level=logging.INFO)
     try:
-        main()
+        main(args=argv)
     except Exception:
         logger.exception("main failed")
         raise
+
+
+if __name__ == "__main__":
+    run_cli()

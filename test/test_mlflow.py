@@ -1,0 +1,194 @@
+"""The trained model goes where users take it: an MLflow run (a real sqlite store), a model MLflow loads and serves
+over HTTP, held-out evaluation in the model card and the run, and LangChain."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from helpers import PROJECT_ROOT, quick_training_args, run_trainer, subprocess_env
+
+from training.launch import free_port
+from training.tracking import local_mlflow_store
+
+pytestmark = pytest.mark.slow
+
+CPU_CONFIG = str(PROJECT_ROOT / "config" / "cpu_config.json")
+EXPERIMENT = "dolly-tests"
+
+
+@pytest.fixture(scope="module")
+def tracked_run(zero3_run) -> dict:
+    """The shared 2-rank ZeRO-3 run (conftest), which logged to an MLflow store of its own."""
+    return {"uri": zero3_run.uri, "out": zero3_run.out, "env": zero3_run.env}
+
+
+def only_run(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1, [run.info.run_id for run in runs]  # rank 0 only: one run for two ranks
+    return client, runs[0]
+
+
+def test_one_run_with_settings_metrics_files_and_model(tracked_run):
+    client, run = only_run(tracked_run["uri"])
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["setting.lr"] == "0.001" and params["setting.deepspeed"] == CPU_CONFIG
+    assert params["setting.per_device_train_batch_size"] == "4" and "learning_rate" in params  # ours, the Trainer's
+    steps = lambda key: [m.step for m in client.get_metric_history(run.info.run_id, key)]  # noqa: E731
+    assert steps("loss") == [1, 2, 3, 4]  # --logging-steps 1, --max-steps 4
+    assert steps("eval_loss") == [2, 4]
+    assert steps("learning_rate") == [1, 2, 3, 4]
+    speeds = client.get_metric_history(run.info.run_id, "tokens_per_second")
+    assert [m.step for m in speeds] == [1, 2, 3, 4] and all(m.value > 0 for m in speeds)
+    files = {item.path for item in client.list_artifacts(run.info.run_id, "training")}
+    assert files == {"training/run_config.json", "training/README.md", "training/training_loss.png"}
+    record = json.loads((tracked_run["out"] / "run_config.json").read_text())
+    assert record["resolved"]["mlflow_run_id"] == run.info.run_id
+
+
+def test_the_logged_model_loads_and_answers(tracked_run):
+    import mlflow
+    import pandas as pd
+
+    mlflow.set_tracking_uri(tracked_run["uri"])
+    _, run = only_run(tracked_run["uri"])
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    table = pd.DataFrame({"instruction": ["Name a colour.", "Who wrote it?"], "context": ["", "Hamlet is a play."]})
+    answers = model.predict(table, params={"max_new_tokens": 6})
+    assert len(answers) == 2 and all(isinstance(answer, str) for answer in answers)
+    assert model.metadata.get_input_schema().input_names() == ["instruction", "context"]
+
+
+def bin_first() -> str:
+    """PATH with this environment's scripts first (the scoring server starts ``uvicorn`` by name)."""
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
+def test_mlflow_models_serve_answers_over_http(tracked_run, tmp_path):
+    _, run = only_run(tracked_run["uri"])
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run.info.run_id}/model",
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path, env=subprocess_env(**tracked_run["env"], PATH=bin_first()), stdout=open(tmp_path / "server.log", "w"),
+        stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as ping:
+                    if ping.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        body = json.dumps({"dataframe_records": [{"instruction": "Name a colour."}], "params": {"max_new_tokens": 6}})
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            predictions = json.loads(response.read())["predictions"]
+        assert len(predictions) == 1 and isinstance(predictions[0], str)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+
+
+def test_evaluation_before_and_after_lands_in_the_card_and_the_run(tracked_run, tiny_model_dir, sample_path,
+                                                                   monkeypatch):
+    from training.evaluate import evaluate
+
+    out = tracked_run["out"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked_run["uri"])
+    result = evaluate(out, str(sample_path), baseline=str(tiny_model_dir), answered=2, max_new_tokens=6)
+    assert result["records"] == 8  # the run's own held-out split (--test-size 8)
+    trained = result["metrics"][str(out)]
+    # The same held-out records and loss the Trainer evaluated at its last step.
+    state = json.loads((out / "trainer_state.json").read_text())
+    final_eval = [entry["eval_loss"] for entry in state["log_history"] if "eval_loss" in entry][-1]
+    assert trained["response_loss"] == pytest.approx(final_eval, rel=1e-3)
+    assert set(trained["response_loss_by_category"]) <= {json.loads(line)["category"] for line in sample_path.open()}
+    assert 0 <= trained["stops_at_end"] <= 1 and len(result["samples"]) == 2
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "license: cc-by-sa-3.0" in card and "pipeline_tag: text-generation" in card
+    assert f"| held-out response loss (per token) | {result['metrics'][str(tiny_model_dir)]['response_loss']:.3f} | " \
+           f"{trained['response_loss']:.3f} |" in card
+    client, run = only_run(tracked_run["uri"])
+    assert client.get_run(run.info.run_id).data.metrics["eval_trained_response_loss"] == pytest.approx(trained["response_loss"])
+
+
+def test_no_mlflow_logs_nothing(tiny_model_dir, sample_path, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = local_mlflow_store(tmp_path / "store", EXPERIMENT)
+    result = run_trainer(quick_training_args(tiny_model_dir, sample_path, tmp_path / "out", "--max-steps", "1", "--no-mlflow"),
+                         env={"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": EXPERIMENT})
+    assert result.returncode == 0, result.stderr[-3000:]
+    experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(EXPERIMENT)
+    assert MlflowClient(tracking_uri=uri).search_runs([experiment.experiment_id]) == []
+    assert "mlflow_run_id" not in json.loads((tmp_path / "out" / "run_config.json").read_text())["resolved"]
+
+
+def test_a_resumed_training_is_a_new_run_tagged_with_the_one_it_continues(tiny_model_dir, sample_path, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from training.tracking import RESUMED_FROM_TAG
+
+    uri = local_mlflow_store(tmp_path / "store", EXPERIMENT)
+    env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": EXPERIMENT}
+    out = tmp_path / "out"
+    first = run_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--max-steps", "2"), env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    first_id = json.loads((out / "run_config.json").read_text())["resolved"]["mlflow_run_id"]
+    resumed = run_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--max-steps", "4", "--resume"), env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id], order_by=["start_time ASC"])
+    assert [run.info.run_id for run in runs][0] == first_id and len(runs) == 2
+    assert runs[1].data.tags[RESUMED_FROM_TAG] == first_id and runs[1].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(runs[1].info.run_id, "loss")] == [3, 4]
+
+
+def test_langchain_example_answers_with_and_without_context(embedded_model_dir):
+    ran = subprocess.run([sys.executable, str(PROJECT_ROOT / "examples" / "langchain.py")], cwd=PROJECT_ROOT,
+                         env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    without, _, rest = ran.stdout.partition("-----------")
+    assert without.startswith("Without context:\n") and len(without.split("\n", 1)[1].strip()) > 0
+    with_context = rest.strip().split("\n", 1)
+    assert with_context[0] == "With context:" and len(with_context[1].replace("-", "").strip()) > 0
+
+
+def test_a_tracking_store_failing_at_the_end_hides_no_training_error(tmp_path, monkeypatch):
+    """The training's own error reaches the user even when MLflow cannot be written any more (a full disk)."""
+    import mlflow
+
+    from training.settings import TrainSettings
+    from training.tracking import mlflow_run
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", local_mlflow_store(tmp_path / "store"))
+    settings = TrainSettings(local_output_dir=str(tmp_path / "out"))
+
+    def store_gone(*args, **kwargs):
+        raise OSError("disk full")
+
+    with pytest.raises(ValueError, match="the training's own error"):
+        with mlflow_run(settings, main_process=True):
+            monkeypatch.setattr(mlflow, "end_run", store_gone)
+            raise ValueError("the training's own error")
+    monkeypatch.undo()
+    mlflow.end_run()

@@ -1,0 +1,141 @@
+"""Training through Spark, on a real local Spark cluster with two workers (``local-cluster[2,1,1024]``): data from
+a table saved in the session, the run on both workers through Spark's distributor, the model through the pipeline.
+
+Every Spark and rendezvous address is the loopback one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+from helpers import PROJECT_ROOT, TEST_DIR, notebook_cells
+
+from training.data import DatasetRecordError
+from training.notebook import NotebookWidgets, RunPaths, deepspeed_command
+from training.run_record import RUN_CONFIG_NAME
+from training.spark import ENTRY_SCRIPT, distributor, distributor_spec, names_a_table, table_to_jsonl
+from training.spark_entry import trainer_args
+
+pytestmark = pytest.mark.slow
+
+CPU_CONFIG = str(PROJECT_ROOT / "config" / "cpu_config.json")
+
+
+@pytest.fixture(scope="module")
+def spark(tmp_path_factory):
+    from pyspark.sql import SparkSession
+
+    warehouse = tmp_path_factory.mktemp("spark-warehouse")
+    loopback = {"SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    saved = {name: os.environ.get(name) for name in loopback}
+    os.environ.update(loopback)
+    path = os.pathsep.join([str(PROJECT_ROOT), str(TEST_DIR)])
+    session = (
+        SparkSession.builder.master("local-cluster[2,1,1024]")
+        .appName("dolly-tests")
+        .config("spark.driver.host", "127.0.0.1")
+        .config("spark.driver.bindAddress", "127.0.0.1")
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.warehouse.dir", str(warehouse))
+        .config("spark.executorEnv.PYTHONPATH", path)
+        .config("spark.executorEnv.TOKENIZERS_PARALLELISM", "false")
+        .config("spark.task.maxFailures", "1")
+        .config("spark.stage.maxConsecutiveAttempts", "1")
+        .getOrCreate()
+    )
+    yield session
+    session.stop()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def save_table(spark, name: str, records: list[dict]) -> str:
+    spark.createDataFrame(records).coalesce(1).write.mode("overwrite").saveAsTable(name)
+    return f"default.{name}"
+
+
+def test_trains_from_a_table_on_two_spark_workers_then_answers(spark, tiny_model_dir, sample_path, tmp_path):
+    records = [json.loads(line) for line in sample_path.read_text().splitlines() if line.strip()]
+    table = save_table(spark, "dolly_sample", records)
+    assert names_a_table(spark, table) and not names_a_table(spark, "databricks/databricks-dolly-15k")
+    data = table_to_jsonl(spark, table, tmp_path / "records.jsonl")
+    assert [json.loads(line)["instruction"] for line in open(data)] == [r["instruction"] for r in records]
+
+    # The notebook's launch cell, as it runs with num_nodes=2 (its command built as the notebook builds it).
+    widgets = NotebookWidgets(argv=["--num_nodes", "2", "--gpu_family", "cpu"], environ={})
+    paths = RunPaths(str(tmp_path / "out"), None, str(tmp_path / "out" / "runs"))
+    command = deepspeed_command(input_model=str(tiny_model_dir), gpu_family="cpu", paths=paths, num_gpus="2",
+                                training_dataset=data, extra_args=("--max-steps", "3"))
+    launch_cell = next(cell for cell in notebook_cells() if "launch_training(command)" in cell)
+    exec(launch_cell, {"widgets": widgets, "spark": spark, "num_nodes": 2, "gpu_family": "cpu", "command": command})
+
+    out = tmp_path / "out"
+    record = json.loads((out / RUN_CONFIG_NAME).read_text())
+    assert record["resolved"]["world_size"] == 2  # one rank on each worker
+    assert record["settings"]["deepspeed"] == CPU_CONFIG  # handed over by Spark's DeepSpeed distributor
+    assert record["resolved"]["deepspeed_config"]["zero_optimization"]["stage"] == 3
+    assert record["data"]["records"] == len(records)
+    from transformers import pipeline
+
+    generator = pipeline(model=str(out), trust_remote_code=True)
+    answer = generator("Name a colour.", max_new_tokens=8, do_sample=False)
+    assert isinstance(answer[0]["generated_text"], str)
+
+
+def test_a_bad_row_is_named_by_table_and_row(spark, sample_path, tmp_path):
+    records = [json.loads(line) for line in sample_path.read_text().splitlines()[:5]]
+    records[2]["response"] = "  "
+    table = save_table(spark, "dolly_bad_row", records)
+    with pytest.raises(DatasetRecordError, match=r"table default\.dolly_bad_row, row 3: field 'response' is empty"):
+        table_to_jsonl(spark, table, tmp_path / "bad.jsonl")
+    assert not (tmp_path / "bad.jsonl").exists()
+    no_response = save_table(spark, "dolly_no_response", [{"instruction": "x", "answer": "y"}])
+    with pytest.raises(DatasetRecordError, match=r"table default\.dolly_no_response: no column 'response'"):
+        table_to_jsonl(spark, no_response, tmp_path / "bad.jsonl")
+
+
+def test_the_distributor_commands_reach_the_trainer(spark, monkeypatch):
+    """On CPU workers, Spark's torch distributor with our DeepSpeed config; on GPUs, its DeepSpeed distributor: the
+    command each builds must give the trainer the config and the flags it was given."""
+    from pyspark.ml.deepspeed.deepspeed_distributor import DeepspeedTorchDistributor
+    from pyspark.ml.torch.distributor import TorchDistributor
+
+    from training.settings import given_settings
+    from training.trainer import main
+
+    flags = ["--input-model", "m", "--local-output-dir", "/shared/out", "--epochs", "1"]
+    # The GPU distributor needs a cluster with GPU resources to be built, so its arguments are checked here.
+    name, kwargs = distributor_spec(num_nodes=2, processes_per_node=8, use_gpu=True, deepspeed_config=CPU_CONFIG)
+    assert name.endswith(".DeepspeedTorchDistributor")
+    assert kwargs == {"numGpus": 8, "nnodes": 2, "localMode": False, "useGpu": True, "deepspeedConfig": CPU_CONFIG}
+    cpu = distributor(num_nodes=2, processes_per_node=1, use_gpu=False, deepspeed_config=CPU_CONFIG)
+    assert type(cpu) is DeepspeedTorchDistributor and cpu.num_processes == 2 and not cpu.use_gpu
+    qlora = distributor(num_nodes=2, processes_per_node=1, use_gpu=False, deepspeed_config=None)
+    assert type(qlora) is TorchDistributor and qlora.num_processes == 2
+    with pytest.raises(ValueError, match="one process per node"):
+        distributor_spec(num_nodes=2, processes_per_node=2, use_gpu=False, deepspeed_config=None)
+
+    # What a barrier task of node 1 sees on an 8-GPU worker.
+    for name, value in {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400", "RANK": "1",
+                        "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7", "PYSPARK_TORCH_DISTRIBUTOR_RDZV_ID": "r"}.items():
+        monkeypatch.setenv(name, value)
+    command = DeepspeedTorchDistributor._create_torchrun_command(
+        {"local_mode": False, "num_processes": 16, "deepspeed_config": CPU_CONFIG}, str(ENTRY_SCRIPT), *flags
+    )
+    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert {"--nnodes=2", "--node_rank=1", "--rdzv_endpoint=10.0.0.1:29400", "--nproc_per_node=8"} <= set(command)
+    script_args = command[command.index(str(ENTRY_SCRIPT)) + 1 :]
+    settings = given_settings(main.make_context("trainer", trainer_args(script_args)))
+    assert settings["deepspeed"] == CPU_CONFIG and settings["epochs"] == 1 and settings["local_output_dir"] == "/shared/out"
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # a CPU worker's task
+    command = TorchDistributor._create_torchrun_command({"local_mode": False, "num_processes": 2}, str(ENTRY_SCRIPT), *flags)
+    assert {"--nnodes=2", "--node_rank=1", "--nproc_per_node=1"} <= set(command)
+    script_args = command[command.index(str(ENTRY_SCRIPT)) + 1 :]
+    assert "deepspeed" not in given_settings(main.make_context("trainer", trainer_args(script_args)))

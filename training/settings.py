@@ -1,0 +1,349 @@
+"""One place for a training run's settings.
+
+Every option of ``python -m training.trainer`` is a field of :class:`TrainSettings`: its one default is there, and
+the docstring under it is the option's ``--help``. From the dataclass come
+
+- the click options (:func:`click_options`), named and defaulted as Dolly's CLI has them;
+- ``train(**kwargs)``: Dolly's keywords build the same dataclass, with the same checks as the command line;
+- the notebook's GPU families and fine-tuning methods, written as overrides of it and turned into the trainer's
+  flags by :func:`command_line`;
+- ``run_config.json``, which records it, and ``--config``, which replays it (:mod:`training.run_record`).
+
+A value is checked once, by its field's ``check``: the CLI reports ``Invalid value for '--lr': must be above 0``,
+``train(lr=0)`` raises :class:`SettingsError` naming the keyword and the option.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Iterable, Union
+
+import click
+from click.core import ParameterSource
+
+from .consts import DEFAULT_INPUT_MODEL, DEFAULT_SEED, DEFAULT_TRAINING_DATASET
+
+
+class SettingsError(ValueError):
+    """A setting's value, or a combination of settings, that cannot train."""
+
+
+# ---- what a value must be (each raises ValueError with a message that reads after the option's name) ----
+
+def above_zero(value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"must be above 0, got {value}")
+
+
+def at_least_one(value: int) -> None:
+    if value < 1:
+        raise ValueError(f"must be at least 1, got {value}")
+
+
+def json_object_file(value: str | None) -> None:
+    """A DeepSpeed config must exist and hold a JSON object (DeepSpeed itself checks the keys)."""
+    if value is None:
+        return
+    path = Path(value)
+    if not path.is_file():
+        raise ValueError(f"{value}: no such file")
+    try:
+        parsed = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{value}: not valid JSON ({err})") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{value}: expected a JSON object of DeepSpeed settings")
+
+
+def parse_test_size(value: str | float | int) -> float | int:
+    """A held-out count ("1000") or a ratio ("0.1"); 0 turns evaluation off."""
+    number = float(value)
+    if number < 0:
+        raise ValueError(f"must not be negative, got {value}")
+    if 0 < number < 1:
+        return number
+    if number != int(number):
+        raise ValueError(f"must be a whole count or a ratio below 1, got {value}")
+    return int(number)
+
+
+def parse_module_names(value: str | Iterable[str]) -> tuple[str, ...]:
+    """Comma-separated module names ("query_key_value,dense"), or a list of them, as a tuple."""
+    names = value.split(",") if isinstance(value, str) else value
+    return tuple(name.strip() for name in names if name.strip())
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """How a field appears on the command line, and what its value must be."""
+
+    flag: str | None = None  # the option's name when it is not --field-name (Dolly's --local_rank)
+    kind: str = "value"  # value: --name VALUE; switch: --name/--no-name; flag: --name alone turns it on
+    click_type: Any = None  # default: from the field's type
+    parse: Callable[[Any], Any] | None = None  # command-line text (or JSON value) to the field's value
+    check: Callable[[Any], None] | None = None
+    replayed: bool = True  # taken from a run_config.json by --config (False: about this invocation only)
+
+
+def setting(default: Any = dataclasses.MISSING, **spec: Any) -> Any:
+    """A settings field with its default and its command-line spec."""
+    return field(default=default, metadata={"option": OptionSpec(**spec)})
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSettings:
+    """Everything that decides what a training run does (Dolly's options first, with Dolly's defaults)."""
+
+    input_model: str = setting(DEFAULT_INPUT_MODEL)
+    """Input model to fine tune: a hub name or a local folder."""
+    local_output_dir: str = setting()
+    """Write directly to this local path."""
+    dbfs_output_dir: str | None = setting(None, replayed=False)
+    """Sync data to this path on DBFS."""
+    epochs: float = setting(3, check=above_zero)
+    """Number of epochs to train for."""
+    per_device_train_batch_size: int = setting(8, check=at_least_one)
+    """Batch size to use for training."""
+    per_device_eval_batch_size: int = setting(8, check=at_least_one)
+    """Batch size to use for evaluation."""
+    test_size: float | int = setting(1000, click_type=click.STRING, parse=parse_test_size)
+    """Records held out for evaluation: a count, or a ratio below 1."""
+    warmup_steps: int | None = setting(None)
+    """Number of steps to warm up to learning rate."""
+    logging_steps: int = setting(10, check=at_least_one)
+    """How often to log."""
+    eval_steps: int = setting(50, check=at_least_one)
+    """How often to run evaluation on test records."""
+    save_steps: int = setting(400, check=at_least_one)
+    """How often to checkpoint the model."""
+    save_total_limit: int = setting(10)
+    """Maximum number of checkpoints to keep on disk."""
+    lr: float = setting(1e-5, check=above_zero)
+    """Learning rate to use for training."""
+    seed: int = setting(DEFAULT_SEED)
+    """Seed to use for training."""
+    deepspeed: str | None = setting(None, check=json_object_file)
+    """Path to deepspeed config file."""
+    training_dataset: str = setting(DEFAULT_TRAINING_DATASET)
+    """Hub dataset name, local folder, or .jsonl/.json/.parquet file of dolly records."""
+    gradient_checkpointing: bool = setting(True, kind="switch")
+    """Use gradient checkpointing?"""
+    local_rank: str | int | None = setting(None, flag="--local_rank", click_type=click.STRING, replayed=False)
+    """Provided by deepspeed to identify which instance this process is when performing multi-GPU training."""
+    bf16: bool | None = setting(None)
+    """Whether to use bf16 (preferred on A100's); default: bf16 where the GPU has it, fp16 on older GPUs, fp32 on CPU."""
+    # ---- beyond Dolly ----
+    gradient_accumulation_steps: int = setting(1, check=at_least_one)
+    """Micro-batches per optimizer step."""
+    max_length: int | None = setting(None)
+    """Longest record in tokens; default: the model's own, else 1024."""
+    max_steps: int = setting(-1)
+    """Stop after this many optimizer steps (overrides --epochs)."""
+    packing: bool = setting(True, kind="switch")
+    """Pack records into rows without padding (falls back to length-grouped batches where unsupported)."""
+    resume: bool = setting(False, kind="switch", replayed=False)
+    """Continue from the latest complete checkpoint."""
+    overwrite_output_dir: bool = setting(False, kind="flag", replayed=False)
+    """Start again in a non-empty output dir."""
+    trust_remote_code: bool = setting(False, kind="flag")
+    """Run code shipped with the model repo."""
+    lora_r: int = setting(0)
+    """LoRA rank; 0 (the default) fine-tunes every weight."""
+    lora_alpha: int = setting(32)
+    """LoRA scaling numerator (alpha / r)."""
+    lora_dropout: float = setting(0.0)
+    """Dropout on the LoRA path (costs activation memory)."""
+    lora_target_modules: tuple[str, ...] = setting((), click_type=click.STRING, parse=parse_module_names)
+    """Comma-separated module names; default: per architecture."""
+    load_in_4bit: bool = setting(False, kind="flag")
+    """QLoRA: load the frozen base in 4-bit NF4."""
+    load_in_8bit: bool = setting(False, kind="flag")
+    """QLoRA: load the frozen base in 8-bit."""
+    merge_lora: bool = setting(True, kind="switch")
+    """Save a merged model (default) or the adapter only."""
+    mlflow: bool = setting(True, kind="switch")
+    """Log the run to MLflow from rank 0 (where MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_NAME say)."""
+    register_model: str | None = setting(None)
+    """Also register the logged model in MLflow's model registry under this name."""
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            spec = option_spec(item)
+            value = getattr(self, item.name)
+            if value is None:
+                continue
+            try:
+                if spec.parse is not None:
+                    value = spec.parse(value)
+                    object.__setattr__(self, item.name, value)
+                if spec.check is not None:
+                    spec.check(value)
+            except ValueError as err:
+                raise SettingsError(f"{item.name} ({option_name(item)}): {err}") from None
+        self._check_combination()
+
+    def _check_combination(self) -> None:
+        quantized = self.load_in_4bit or self.load_in_8bit
+        if quantized and self.lora_r <= 0:
+            raise SettingsError("--load-in-4bit/--load-in-8bit train LoRA adapters on a frozen base: give --lora-r > 0")
+        if quantized and self.deepspeed:
+            raise SettingsError(
+                "ZeRO-3 cannot partition bitsandbytes weights: run QLoRA without --deepspeed "
+                "(the DeepSpeed launcher still starts one data-parallel rank per GPU)"
+            )
+        if self.load_in_4bit and self.load_in_8bit:
+            raise SettingsError("choose one of --load-in-4bit and --load-in-8bit")
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """Every setting, as JSON values (tuples as lists)."""
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(self).items()}
+
+
+# ---- reading the dataclass ----
+
+def option_spec(item: dataclasses.Field) -> OptionSpec:
+    return item.metadata["option"]
+
+
+def option_name(item: dataclasses.Field) -> str:
+    return option_spec(item).flag or "--" + item.name.replace("_", "-")
+
+
+def setting_fields() -> tuple[dataclasses.Field, ...]:
+    return fields(TrainSettings)
+
+
+def default_of(item: dataclasses.Field) -> Any:
+    """A field's default (``dataclasses.MISSING`` for a required one)."""
+    return item.default
+
+
+def field_docs(cls: type = TrainSettings) -> dict[str, str]:
+    """The docstring under each field of a dataclass (attribute docstrings, read from the source)."""
+    tree = ast.parse(inspect.getsource(cls)).body[0]
+    docs: dict[str, str] = {}
+    body = tree.body
+    for statement, following in zip(body, body[1:]):
+        if (
+            isinstance(statement, ast.AnnAssign)
+            and isinstance(statement.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[statement.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def _plain_type(item: dataclasses.Field) -> Any:
+    """The field's type without ``None``: ``int | None`` -> int."""
+    hint = typing.get_type_hints(TrainSettings)[item.name]
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        hint = args[0] if len(args) == 1 else hint
+    return hint
+
+
+def _click_type(item: dataclasses.Field) -> Any:
+    spec = option_spec(item)
+    if spec.click_type is not None:
+        return spec.click_type
+    known = {str: click.STRING, int: click.INT, float: click.FLOAT, bool: click.BOOL}
+    plain = _plain_type(item)
+    if plain not in known:
+        raise TypeError(f"setting {item.name}: give OptionSpec.click_type for {plain}")
+    return known[plain]
+
+
+def _callback(item: dataclasses.Field) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    spec = option_spec(item)
+
+    def checked(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is None:
+            return value
+        try:
+            if spec.parse is not None:
+                value = spec.parse(value)
+            if spec.check is not None:
+                spec.check(value)
+        except ValueError as err:
+            raise click.BadParameter(str(err)) from None
+        return value
+
+    return checked
+
+
+def click_options(command: Callable) -> Callable:
+    """Decorate a click command with one option per setting.
+
+    Value options have no click default: a value not given on the command line comes from the dataclass (or from
+    ``--config``), so the default lives in one place. ``--help`` shows it.
+    """
+    docs = field_docs()
+    for item in reversed(setting_fields()):
+        spec = option_spec(item)
+        name = option_name(item)
+        default = default_of(item)
+        help_text = docs.get(item.name, "")
+        if spec.kind == "switch":
+            decls = [f"{name}/--no-{name.removeprefix('--')}"]
+            extra: dict[str, Any] = {"default": default, "show_default": True}
+        elif spec.kind == "flag":
+            decls = [name]
+            extra = {"is_flag": True, "default": default}
+        else:
+            decls = [name]
+            if default not in (None, dataclasses.MISSING, ()):
+                help_text += f"  [default: {default}]"
+            extra = {"type": _click_type(item), "default": None, "callback": _callback(item)}
+        command = click.option(*decls, item.name, help=help_text, **extra)(command)
+    return command
+
+
+def given_settings(ctx: click.Context) -> dict[str, Any]:
+    """The settings given on the command line (not the ones left at their defaults)."""
+    return {
+        item.name: ctx.params[item.name]
+        for item in setting_fields()
+        if ctx.get_parameter_source(item.name) not in (ParameterSource.DEFAULT, None)
+    }
+
+
+def command_line(overrides: dict[str, Any]) -> list[str]:
+    """The trainer's flags that set ``overrides``: the inverse of the CLI (parsing them gives ``overrides`` back).
+
+    A ``None`` or a switched-off flag that is also the default needs no flag and gets none.
+    """
+    by_name = {item.name: item for item in setting_fields()}
+    unknown = sorted(set(overrides) - set(by_name))
+    if unknown:
+        raise SettingsError(f"unknown settings {unknown}; the settings are {sorted(by_name)}")
+    args: list[str] = []
+    for name, item in by_name.items():
+        if name not in overrides:
+            continue
+        value, spec, option = overrides[name], option_spec(item), option_name(item)
+        if value in (None, False) and value is default_of(item) and spec.kind != "switch":
+            continue
+        if spec.kind == "switch":
+            args.append(option if value else f"--no-{option.removeprefix('--')}")
+        elif spec.kind == "flag":
+            if not value:
+                raise SettingsError(f"{option} can only be switched on")
+            args.append(option)
+        elif value is None:
+            raise SettingsError(f"{option} cannot be set back to None on the command line")
+        elif isinstance(value, bool):
+            args += [option, str(value).lower()]
+        elif isinstance(value, (tuple, list)):
+            args += [option, ",".join(value)]
+        else:
+            args += [option, str(value)]
+    return args
