@@ -124,6 +124,30 @@ def throughput_section(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def throughput_deepspeed_section(r: dict[str, Any]) -> str:
+    arms = r["arms"]
+    lines = [
+        "### Throughput under the DeepSpeed launcher (`bench/throughput_deepspeed.py`)",
+        "",
+        f"The real trainer CLI under `deepspeed --num_gpus {r['ranks']}` with `config/{r['deepspeed_config']}` (ZeRO-3), "
+        f"{model_label(r['model'])}, the same {r['train_records']} real dolly records, one epoch, {r['batch_size']} "
+        "records per optimizer step over the ranks; each arm in its own launch. Useful tokens = the Trainer's count "
+        "of non-padding input tokens over all ranks; time = its `train_runtime`.",
+        "",
+        "| arm | flags | useful tokens/s | train runtime | whole launch | optimizer steps |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, a in arms.items():
+        lines.append(
+            f"| {name} | `{' '.join(a['flags']) or '(defaults)'}` | {a['useful_tokens_per_second']:.0f} | "
+            f"{a['train_runtime_seconds']:.0f} s | {a['launch_wall_seconds']:.0f} s | {a['optimizer_steps']} |"
+        )
+    if "ratio_vs_original" in r:
+        lines += ["", f"- ours / original under the launcher: **{r['ratio_vs_original']:.2f}x** useful tokens per second"]
+    lines += ["", provenance(r)]
+    return "\n".join(lines)
+
+
 def memory_section(r: dict[str, Any]) -> str:
     lines = [
         f"Measured memory and speed (`bench/memory.py`), {model_label(r['model'])}, the same records for each arm:",
@@ -185,6 +209,7 @@ def launcher_exits_section(r: dict[str, Any]) -> str:
 SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "quality": quality_section,
     "throughput": throughput_section,
+    "throughput_deepspeed": throughput_deepspeed_section,
     "memory": memory_section,
     "launcher_exits": launcher_exits_section,
 }

@@ -52,3 +52,20 @@ def test_launcher_exits_one_run(tiny_model_dir, tmp_path):
     assert json.loads(out.read_text())["zero_exits_with_model"] == result["zero_exits_with_model"]
     rendered = report.render("<!-- bench:launcher_exits -->\n<!-- /bench:launcher_exits -->\n", results_dir=tmp_path)
     assert "launches of `deepspeed --num_gpus 2`" in rendered
+
+
+def test_throughput_under_the_deepspeed_launcher_small(tiny_model_dir, sample_path, tmp_path):
+    from bench import throughput_deepspeed
+
+    out = tmp_path / "throughput_deepspeed.json"
+    result = throughput_deepspeed.main(["--model", str(tiny_model_dir), "--training-dataset", str(sample_path),
+                                        "--train-records", "12", "--eval-records", "4", "--batch-size", "4",
+                                        "--out", str(out)])
+    arms = result["arms"]
+    assert set(arms) == {"original", "ours"} and arms["ours"]["optimizer_steps"] == arms["original"]["optimizer_steps"] == 3
+    # The same records: the same useful tokens counted by the Trainer, padded or packed.
+    assert arms["ours"]["useful_tokens"] == arms["original"]["useful_tokens"] > 0
+    assert result["ratio_vs_original"] > 0 and json.loads(out.read_text())["ranks"] == 2
+    rendered = report.render("<!-- bench:throughput_deepspeed -->\n<!-- /bench:throughput_deepspeed -->\n",
+                             results_dir=tmp_path)
+    assert "ours / original under the launcher" in rendered

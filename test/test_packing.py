@@ -121,3 +121,60 @@ def test_one_step_is_the_same_however_records_are_grouped(tiny_model_dir, record
 def test_record_bounds_follow_restarting_positions():
     positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
     assert record_bounds(positions) == [(0, 3), (3, 5), (5, 9)]
+
+
+@pytest.mark.parametrize("architecture", ["gpt_neox", "llama"])
+def test_every_layer_gets_the_collators_record_bounds(model_and_tokenizer, records, architecture, monkeypatch):
+    """The bounds are computed once per batch, in the collator, and handed down to each layer's attention as plain
+    integers: no layer reads the position ids back from the device (record_bounds() is never called)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    import training.packing as packing
+
+    model, tokenizer = model_and_tokenizer
+    if architecture == "llama":
+        model = tiny_llama(len(tokenizer))
+    chosen = records[:4]
+    packed = DataCollatorForPackedCompletionOnlyLM(tokenizer=tokenizer, response_logits_only=False)(chosen)
+    lengths = [len(record["input_ids"]) for record in chosen]
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    assert packed["record_bounds"] == tuple((start, start + n) for start, n in zip(starts, lengths))
+    assert all(isinstance(edge, int) for bound in packed["record_bounds"] for edge in bound)
+    assert packed["cu_seq_lens_q"].tolist() == starts + [sum(lengths)] and packed["max_length_q"] == max(lengths)
+    # The bounds are the records of the row: position ids restart exactly there.
+    assert record_bounds(packed["position_ids"]) == list(packed["record_bounds"])
+
+    seen = []
+
+    def spying_attention(module, query, key, value, attention_mask, **kwargs):
+        seen.append(kwargs.get("record_bounds"))
+        return packing.packed_sdpa_attention(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("spy", spying_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("spy", sdpa_mask)
+    monkeypatch.setattr(packing, "record_bounds", lambda *_: pytest.fail("bounds read back from position ids"))
+    model.set_attn_implementation("spy")
+    try:
+        with torch.no_grad():
+            packed_logits = model(**{k: v for k, v in packed.items() if k != "labels"}).logits[0]
+            for start, record in zip(starts, chosen):
+                alone = model(input_ids=torch.tensor([record["input_ids"]])).logits[0]
+                torch.testing.assert_close(packed_logits[start : start + len(record["input_ids"])], alone,
+                                           atol=1e-4, rtol=1e-4)
+    finally:
+        model.set_attn_implementation("sdpa")
+    layers = model.config.num_hidden_layers
+    assert seen[:layers] == [packed["record_bounds"]] * layers  # every layer of the packed forward
+
+
+def test_flash_attention_is_chosen_only_where_it_can_run(monkeypatch):
+    import importlib.util
+
+    from training.modeling import training_attention
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
+    assert training_attention("bf16") == "flash_attention_2" and training_attention("fp32") is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training_attention("bf16") is None

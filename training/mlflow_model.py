@@ -62,7 +62,7 @@ def log_pipeline_model(model_dir: str | Path, *, registered_model_name: str | No
     import transformers
 
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="An input example was not provided")
+        warnings.filterwarnings("ignore", message=".*An input example was not provided")
         info = _log(model_dir, registered_model_name, transformers.__version__)
     logger.info("Logged the model to MLflow: %s", info.model_uri)
     return info

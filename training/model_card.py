@@ -68,7 +68,8 @@ def evaluation_section(evaluation: dict[str, Any]) -> str:
             "adds held-out response loss, the share of answers that stop at `### End`, and sample answers here."
         )
     models, metrics = evaluation["models"], evaluation["metrics"]
-    rows = ["| | " + " | ".join(f"`{m}`" for m in models) + " |", "|---|" + "---|" * len(models)]
+    labels = [f"before training (`{Path(m).name}`)" for m in models[:-1]] + ["after training (this model)"]
+    rows = ["| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(models)]
     rows.append("| held-out response loss (per token) | " + " | ".join(_loss(metrics[m]["response_loss"]) for m in models) + " |")
     rows.append("| answers that stop at `### End` | " + " | ".join(_share(metrics[m]["stops_at_end"]) for m in models) + " |")
     categories = sorted({c for m in models for c in metrics[m]["response_loss_by_category"]})

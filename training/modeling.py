@@ -125,6 +125,16 @@ def get_model_tokenizer(
     return model, tokenizer
 
 
+def training_attention(precision: str) -> str | None:
+    """FlashAttention 2 where it can run (a CUDA GPU, the ``flash_attn`` package, bf16 or fp16): its varlen kernel
+    then trains packed rows from the collator's ``cu_seq_lens``. None elsewhere: the model's default (SDPA)."""
+    import importlib.util
+
+    if precision in ("bf16", "fp16") and torch.cuda.is_available() and importlib.util.find_spec("flash_attn"):
+        return "flash_attention_2"
+    return None
+
+
 def model_max_length(model: PreTrainedModel) -> int:
     """The model's own context length, falling back to Dolly's 1024."""
     config = model.config

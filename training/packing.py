@@ -4,12 +4,15 @@ A packed step differs from Dolly's padded step in four ways, all made here:
 
 1. **Rows.** The micro-batch's records are concatenated into one row with no padding; position ids restart at
    each record, and each record's first label is -100, so nothing is learned across a boundary
-   (:class:`DataCollatorForPackedCompletionOnlyLM`).
+   (:class:`DataCollatorForPackedCompletionOnlyLM`). The collator also says where each record lies, once per
+   batch: ``record_bounds`` as plain integers (no device-to-host copy is needed to read them) and, for
+   FlashAttention's varlen kernel, ``cu_seq_lens_q``/``cu_seq_lens_k`` with ``max_length_q``/``max_length_k``.
 2. **Attention.** Without an attention mask (and with ``use_cache=False``, since a KV cache would hide the
    packing), transformers builds a block-diagonal causal mask from the restarting positions. Where the model uses
    SDPA, :func:`packed_batches` switches it, for the duration of training only, to :func:`packed_sdpa_attention`,
-   which runs causal SDPA per record instead of computing and discarding every cross-record score; a saved model
-   uses plain SDPA again.
+   which runs causal SDPA per record, from the collator's bounds, instead of computing and discarding every
+   cross-record score; a saved model uses plain SDPA again. FlashAttention 2/3 (chosen when it is installed on a
+   GPU, see ``training.modeling``) takes the ``cu_seq_lens`` and runs its varlen kernel.
 3. **Output layer.** The batch carries ``logits_to_keep`` (the positions that predict a response token) and
    ``shift_labels`` (their targets), so the vocabulary projection and the loss skip prompt tokens. ``labels``
    stay in the batch, for the Trainer to count response tokens.
@@ -24,6 +27,7 @@ batches, grouped by length.
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -68,11 +72,18 @@ class DataCollatorForPackedCompletionOnlyLM:
             input_ids.extend(example["input_ids"])
             labels.extend(record_labels)
             position_ids.extend(range(len(example["input_ids"])))
+        lengths = [len(example["input_ids"]) for example in examples]
+        edges = list(itertools.accumulate(lengths, initial=0))
         batch: dict[str, Any] = {
             "input_ids": torch.tensor([input_ids], dtype=torch.long),
             "labels": torch.tensor([labels], dtype=torch.long),
             "position_ids": torch.tensor([position_ids], dtype=torch.long),
             "use_cache": False,
+            "record_bounds": tuple(zip(edges[:-1], edges[1:])),
+            "cu_seq_lens_q": torch.tensor(edges, dtype=torch.int32),
+            "cu_seq_lens_k": torch.tensor(edges, dtype=torch.int32),
+            "max_length_q": max(lengths),
+            "max_length_k": max(lengths),
         }
         if self.response_logits_only:
             targets = batch["labels"][0, 1:]
@@ -85,7 +96,8 @@ class DataCollatorForPackedCompletionOnlyLM:
 # ---- 2: attention per record ----
 
 def record_bounds(position_ids: torch.Tensor) -> list[tuple[int, int]]:
-    """(start, end) of each record in a packed row, from where its position ids restart."""
+    """(start, end) of each record in a packed row, from where its position ids restart (reads the tensor on the
+    host: for checking and for batches made elsewhere; the collator hands its bounds down instead)."""
     positions = position_ids.flatten()
     starts = torch.nonzero(positions[1:] != positions[:-1] + 1).flatten() + 1
     edges = [0] + starts.tolist() + [positions.numel()]
@@ -101,18 +113,20 @@ def packed_sdpa_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     position_ids: torch.Tensor | None = None,
+    record_bounds: tuple[tuple[int, int], ...] | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Causal SDPA per record for one packed row (query/key/value: batch, heads, tokens, head_dim).
+    """Causal SDPA per record for one packed row (query/key/value: batch, heads, tokens, head_dim), from the
+    collator's ``record_bounds``: plain integers, so no layer waits on the device to learn where records are.
 
-    Anything that is not a single packed row (padded batches, generation with a cache) goes to the ordinary SDPA
-    function with its mask, unchanged.
+    Anything else (padded batches, generation with a cache, a row without bounds) goes to the ordinary SDPA function
+    with its mask, unchanged; the mask transformers builds from restarting position ids keeps records apart there.
     """
     packed_row = (
-        position_ids is not None
+        record_bounds is not None
+        and len(record_bounds) > 1
         and query.shape[0] == 1
-        and query.shape[2] == key.shape[2] == position_ids.shape[-1]
-        and bool((position_ids.flatten()[1:] != position_ids.flatten()[:-1] + 1).any())
+        and query.shape[2] == key.shape[2] == record_bounds[-1][1]
     )
     if not packed_row:
         return sdpa_attention_forward(
@@ -124,7 +138,7 @@ def packed_sdpa_attention(
             query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
             dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=grouped,
         )
-        for start, end in record_bounds(position_ids)
+        for start, end in record_bounds
     ]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 

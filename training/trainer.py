@@ -29,7 +29,14 @@ from .distributed import (
     leave_process_group,
 )
 from .lora import MERGED_ADAPTER_SUBDIR, LoraSettings, apply_lora, merge_adapter
-from .modeling import choose_precision, get_model_tokenizer, load_model, load_tokenizer, model_max_length
+from .modeling import (
+    choose_precision,
+    get_model_tokenizer,
+    load_model,
+    load_tokenizer,
+    model_max_length,
+    training_attention,
+)
 from .option_checks import check_against_data
 from .packing import DataCollatorForPackedCompletionOnlyLM, packed_batches, unwrap
 from .preprocess import preprocess_batch, preprocess_dataset
@@ -178,6 +185,8 @@ def train(settings: TrainSettings | None = None, **kwargs) -> Path:
         load_kwargs = {}
         if quantization is not None:
             load_kwargs = {"quantization_config": quantization, "device_map": {"": training_args.device}}
+        if (attention := training_attention(precision)) is not None:
+            load_kwargs["attn_implementation"] = attention
         model, tokenizer = get_model_tokenizer(
             settings.input_model,
             gradient_checkpointing=settings.gradient_checkpointing,
