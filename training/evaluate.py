@@ -50,15 +50,15 @@ def held_out_records(model_dir: str | Path, dataset: str) -> list[dict[str, Any]
     from .trainer import split_dataset
 
     raw = load_training_dataset(dataset)
-    settings = read_json(Path(model_dir) / RUN_CONFIG_NAME).get("settings", {})
+    record = read_json(Path(model_dir) / RUN_CONFIG_NAME)
+    settings = record.get("settings", {})
     if not settings or not settings.get("test_size") or not same_data(settings["training_dataset"], dataset):
         logger.info("Evaluating on all %d records of %s", raw.num_rows, dataset)
         return list(raw)
-    resolved = read_json(Path(model_dir) / RUN_CONFIG_NAME).get("resolved", {})
     from .modeling import load_tokenizer
 
     tokenizer = load_tokenizer(str(model_dir))
-    tokenized = preprocess_dataset(tokenizer, resolved["max_length"], seed=settings["seed"], training_dataset=raw)
+    tokenized = preprocess_dataset(tokenizer, record["resolved"]["max_length"], seed=settings["seed"], training_dataset=raw)
     _, held_out = split_dataset(tokenized, settings["test_size"], settings["seed"])
     position = {tuple(ids): index for index, ids in enumerate(tokenizer(list(raw["text"]))["input_ids"])}
     records = [raw[position[tuple(ids)]] for ids in held_out["input_ids"]]

@@ -21,7 +21,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .checkpoints import write_atomically
-from .settings import SettingsError, TrainSettings, option_spec, setting_fields
+from .settings import SettingsError, TrainSettings, replayed_names, setting_fields
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def read_run_config(path: str | Path) -> dict[str, Any]:
         raise SettingsError(f"{path}: no 'settings' object (is this a run_config.json?)")
     if record.get("format") != RECORD_FORMAT:
         raise SettingsError(f"{path}: record format {record.get('format')!r}, this version reads {RECORD_FORMAT}")
-    replayed = {item.name for item in setting_fields() if option_spec(item).replayed}
+    replayed = replayed_names()
     known = {item.name for item in setting_fields()}
     unknown = sorted(set(settings) - known)
     if unknown:

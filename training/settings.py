@@ -91,6 +91,16 @@ class OptionSpec:
     check: Callable[[Any], None] | None = None
     replayed: bool = True  # taken from a run_config.json by --config (False: about this invocation only)
 
+    def accept(self, value: Any) -> Any:
+        """``value`` parsed and checked (ValueError with the reason if it cannot be); None stays None."""
+        if value is None:
+            return value
+        if self.parse is not None:
+            value = self.parse(value)
+        if self.check is not None:
+            self.check(value)
+        return value
+
 
 def setting(default: Any = dataclasses.MISSING, **spec: Any) -> Any:
     """A settings field with its default and its command-line spec."""
@@ -175,16 +185,8 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         for item in fields(self):
-            spec = option_spec(item)
-            value = getattr(self, item.name)
-            if value is None:
-                continue
             try:
-                if spec.parse is not None:
-                    value = spec.parse(value)
-                    object.__setattr__(self, item.name, value)
-                if spec.check is not None:
-                    spec.check(value)
+                object.__setattr__(self, item.name, option_spec(item).accept(getattr(self, item.name)))
             except ValueError as err:
                 raise SettingsError(f"{item.name} ({option_name(item)}): {err}") from None
         self._check_combination()
@@ -218,6 +220,11 @@ def option_name(item: dataclasses.Field) -> str:
 
 def setting_fields() -> tuple[dataclasses.Field, ...]:
     return fields(TrainSettings)
+
+
+def replayed_names() -> set[str]:
+    """The settings a run's record replays (not the per-invocation ones: resume, output copy, rank)."""
+    return {item.name for item in setting_fields() if option_spec(item).replayed}
 
 
 def default_of(item: dataclasses.Field) -> Any:
@@ -266,16 +273,10 @@ def _callback(item: dataclasses.Field) -> Callable[[click.Context, click.Paramet
     spec = option_spec(item)
 
     def checked(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-        if value is None:
-            return value
         try:
-            if spec.parse is not None:
-                value = spec.parse(value)
-            if spec.check is not None:
-                spec.check(value)
+            return spec.accept(value)
         except ValueError as err:
             raise click.BadParameter(str(err)) from None
-        return value
 
     return checked
 

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from .settings import TrainSettings, option_spec, setting_fields
+from .settings import TrainSettings, replayed_names
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +46,8 @@ def local_mlflow_store(folder: str | Path, experiment: str | None = None) -> str
 def settings_params(settings: TrainSettings) -> dict[str, Any]:
     """The settings that define the training, as MLflow parameters (``setting.lr``, ...). The per-invocation ones
     (``--resume``, the output copy, the rank) are not parameters: a resumed run logs the same parameters again."""
-    values = settings.to_json_dict()
-    return {
-        f"setting.{item.name}": values[item.name] for item in setting_fields() if option_spec(item).replayed
-    }
+    replayed = replayed_names()
+    return {f"setting.{name}": value for name, value in settings.to_json_dict().items() if name in replayed}
 
 
 RESUMED_FROM_TAG = "dolly.resumed_from_run_id"

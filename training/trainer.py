@@ -147,9 +147,9 @@ def training_arguments(settings: TrainSettings, precision: str) -> TrainingArgum
     )
 
 
-def parameter_count(model) -> int:
+def parameter_count(model, *, trainable_only: bool = False) -> int:
     """Parameters of a model, also when ZeRO-3 has partitioned them (each then knows its full size)."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def train(settings: TrainSettings | None = None, **kwargs) -> Path:
@@ -204,7 +204,7 @@ def train(settings: TrainSettings | None = None, **kwargs) -> Path:
             "input_model": settings.input_model,
             "model_type": unwrap(model).config.model_type,
             "parameters": parameter_count(model),
-            "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad),
+            "trainable_parameters": parameter_count(model, trainable_only=True),
         }
         record.data = {
             "training_dataset": settings.training_dataset,
