@@ -48,6 +48,8 @@ def split_records(path: str, eval_records: int, train_records: int | None, seed:
 
 def tokenize_records(records: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[dict]:
     """Records tokenized with labels (prompt masked), keeping category; longer than ``max_length`` dropped."""
+    if not records:
+        return []
     batch = {key: [r[key] for r in records] for key in ("instruction", "context", "response")}
     batch["text"] = [format_training_text(r["instruction"], r["response"], r["context"]) for r in records]
     features = preprocess_batch(batch, tokenizer, max_length)
@@ -103,6 +105,12 @@ def machine() -> str:
     return f"CPU: {cpu}, {os.cpu_count()} cores, torch {torch.__version__} (no GPU)"
 
 
+def result_header(module: str, argv: list[str] | None, **fields: Any) -> dict[str, Any]:
+    """What every result file starts with: the command that made it, the machine it ran on, then ``fields``."""
+    args = [arg for arg in (argv if argv is not None else sys.argv[1:]) if arg != "--"]
+    return {"command": " ".join(["python -m", module, *args]), "machine": machine(), **fields}
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write a result file atomically (a reader never sees half of it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,14 +144,18 @@ def run_arms(module: str, arms: list[str], argv: list[str] | None) -> tuple[list
     """
     forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--"]
     results: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as scratch:
-        for arm in arms:
-            print(f"== arm {arm}", flush=True)
-            arm_file = Path(scratch) / f"{arm}.json"
-            command = [sys.executable, "-m", module, *forwarded, "--run-arm", arm, "--arm-result", str(arm_file)]
-            subprocess.run(command, check=True)
-            results[arm] = json.loads(arm_file.read_text())
+    for arm in arms:
+        print(f"== arm {arm}", flush=True)
+        results[arm] = run_in_own_process(module, [*forwarded, "--run-arm", arm])
     return forwarded, results
+
+
+def run_in_own_process(module: str, args: list[str]) -> dict[str, Any]:
+    """``python -m MODULE ARGS --arm-result FILE`` in a fresh process; returns the JSON it wrote to FILE."""
+    with tempfile.TemporaryDirectory() as scratch:
+        result_file = Path(scratch) / "result.json"
+        subprocess.run([sys.executable, "-m", module, *args, "--arm-result", str(result_file)], check=True)
+        return json.loads(result_file.read_text())
 
 
 def pyplot():

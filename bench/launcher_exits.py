@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import PROJECT_ROOT, RESULTS_DIR, machine, write_json
+from bench.common import PROJECT_ROOT, RESULTS_DIR, result_header, write_json
 from training.launch import free_port
 from training.saving import is_finished_output
 from training.synthetic import build_tiny_sample_model
@@ -77,9 +77,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"run {number:2d}: exit {run['exit_code']}, ranks {run['rank_exit_codes']}, {run['seconds']} s, "
                   f"finished model: {run['finished_model']}", flush=True)
     zero = sum(1 for run in runs if run["exit_code"] == 0 and run["finished_model"])
-    result = {"command": "python -m bench.launcher_exits " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": machine(), "ranks": args.ranks, "runs": runs, "zero_exits_with_model": zero,
-              "total": len(runs)}
+    result = {**result_header("bench.launcher_exits", argv), "ranks": args.ranks, "runs": runs,
+              "zero_exits_with_model": zero, "total": len(runs)}
     print(f"{zero} of {len(runs)} launches exited 0 with a finished model")
     write_json(args.out, result)
     return result

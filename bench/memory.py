@@ -25,8 +25,8 @@ from bench.common import (
     RESULTS_DIR,
     as_dataset,
     default_dataset,
-    machine,
     peak_memory_bytes,
+    result_header,
     run_arms,
     split_records,
     timed_training,
@@ -115,8 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     resolve_model(options.model)
     forwarded, results = run_arms("bench.memory", options.arms.split(","), argv)
     payload = {
-        "command": "python -m bench.memory " + " ".join(forwarded),
-        "machine": machine(),
+        **result_header("bench.memory", forwarded),
         "model": options.model,
         "train_records": options.train_records,
         "batch_size": options.batch_size,

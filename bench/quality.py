@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,9 +27,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from bench.common import (
     RESULTS_DIR,
     default_dataset,
-    machine,
     pyplot,
     response_loss,
+    result_header,
     save_figure,
     split_records,
     tokenize_records,
@@ -147,8 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for r in stop_records
     ]
     payload: dict[str, Any] = {
-        "command": "python -m bench.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine(),
+        **result_header("bench.quality", argv),
         "model": options.input_model,
         "training_dataset": Path(options.training_dataset).name,
         "quick": options.quick,

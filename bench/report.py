@@ -148,6 +148,90 @@ def throughput_deepspeed_section(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def profile_launcher_section(r: dict[str, Any]) -> str:
+    runs = r["runs"]
+    buckets = list(next(iter(runs.values()))["ranks"][0]["seconds_per_step"])
+    first, count = (int(part) for part in r["profiled_steps"].split(":"))
+    lines = [
+        "#### Where the time goes under the launcher (`bench/profile_launcher.py`)",
+        "",
+        f"Both arms under `deepspeed --num_gpus 2` (ZeRO-3, CPU ranks), {model_label(r['model'])}, "
+        f"{r['train_records']} records, {r['batch_size']} per optimizer step; `torch.profiler` over steps "
+        f"{first} to {first + count - 1} on every rank. Seconds per optimizer step on "
+        "rank 0, by operator self time; what the operators do not account for is Python and waiting.",
+        "",
+        "| arm, variant | useful tokens/s | threads per rank | step | " + " | ".join(buckets) + " |",
+        "|---|---|---|---|" + "---|" * len(buckets),
+    ]
+    for name, run in runs.items():
+        rank0 = run["ranks"][0]
+        cells = " | ".join(f"{rank0['seconds_per_step'].get(bucket, 0.0):.2f}" for bucket in buckets)
+        lines.append(f"| {name} | {run['useful_tokens_per_second']:.0f} | {rank0['intra_op_threads']} | "
+                     f"{rank0['step_seconds']:.2f} s | {cells} |")
+    variants = dict.fromkeys(run["variant"] for run in runs.values())
+    ratios = [
+        f"{variant} **{runs[f'ours, {variant}']['useful_tokens_per_second'] / runs[f'original, {variant}']['useful_tokens_per_second']:.2f}x**"
+        for variant in variants if f"ours, {variant}" in runs and f"original, {variant}" in runs
+    ]
+    if ratios:
+        lines += ["", "Ours / original, useful tokens per second over the whole run: " + "; ".join(ratios) + "."]
+    lines += ["", provenance(r)]
+    return "\n".join(lines)
+
+
+MEMORY_KINDS = {
+    "process max RSS": "the process's maximum resident set (weights, optimizer states, activations, allocator slack)",
+    "torch.cuda.max_memory_allocated": "torch's peak GPU allocation",
+}
+
+
+def slope(points: list[dict[str, Any]]) -> float:
+    """Least-squares bytes of peak memory per token position of the largest step."""
+    xs = [p["largest_batch_positions"] for p in points]
+    ys = [p["peak_memory_bytes"] for p in points]
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    spread = sum((x - mean_x) ** 2 for x in xs)
+    return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / spread if spread else 0.0
+
+
+def scaling_section(r: dict[str, Any]) -> str:
+    lines = [
+        "### How cost grows with data and length (`bench/scaling.py`)",
+        "",
+        f"Our trainer (packing, {r['batch_size']} records per step, one epoch, single process) on "
+        f"{model_label(r['model'])} and the first N records of one seeded shuffle of {r['training_dataset']}; each "
+        "point in its own process. Records longer than the max length are dropped, as the trainer drops them. The "
+        "largest step is the most token positions one optimizer step handed the model, which activation memory "
+        "follows.",
+        "",
+        "| records | max length | records trained | useful tokens | useful tokens/s | peak memory | largest step |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    points = {(p["records"], p["max_length"]): p for p in r["records_sweep"] + r["length_sweep"]}
+    for p in points.values():
+        lines.append(
+            f"| {p['records']} | {p['max_length']} | {p['train_records']} | {p['useful_tokens']:,} | "
+            f"{p['useful_tokens_per_second']:.0f} | {gib(p['peak_memory_bytes'])} | {p['largest_batch_positions']:,} |"
+        )
+    by_step = sorted(points.values(), key=lambda p: p["largest_batch_positions"])
+    lines += [
+        "",
+        f"- Across the records sweep (max length {r['length_for_records']}) the fastest point is "
+        f"{100 * r['records_sweep_speed_spread']:.0f}% above the slowest.",
+        f"- Peak memory follows the largest step: {gib(by_step[0]['peak_memory_bytes'])} at "
+        f"{by_step[0]['largest_batch_positions']:,} positions to {gib(by_step[-1]['peak_memory_bytes'])} at "
+        f"{by_step[-1]['largest_batch_positions']:,}, about {gib(1000 * slope(by_step))} per 1,000 positions "
+        "(least squares over every point). More records and a longer max length raised it here through the longer "
+        "steps they admitted.",
+        f"- Peak memory: {MEMORY_KINDS.get(r['records_sweep'][0]['peak_memory_kind'], r['records_sweep'][0]['peak_memory_kind'])}.",
+        "",
+        "![scaling](bench/results/scaling.png)",
+        "",
+        provenance(r),
+    ]
+    return "\n".join(lines)
+
+
 def memory_section(r: dict[str, Any]) -> str:
     lines = [
         f"Measured memory and speed (`bench/memory.py`), {model_label(r['model'])}, the same records for each arm:",
@@ -210,6 +294,8 @@ SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "quality": quality_section,
     "throughput": throughput_section,
     "throughput_deepspeed": throughput_deepspeed_section,
+    "profile_launcher": profile_launcher_section,
+    "scaling": scaling_section,
     "memory": memory_section,
     "launcher_exits": launcher_exits_section,
 }

@@ -27,10 +27,10 @@ from bench.common import (
     RESULTS_DIR,
     as_dataset,
     default_dataset,
-    machine,
     peak_memory_bytes,
     pyplot,
     response_loss,
+    result_header,
     run_arms,
     save_figure,
     split_records,
@@ -51,16 +51,18 @@ GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10": 125e12, 
 
 
 class CountingCollator:
-    """Wraps a collator and counts the token positions it hands the model, and how many of them are real."""
+    """Wraps a collator and counts the token positions it hands the model, how many are real, and the largest batch."""
 
     def __init__(self, inner):
         self.inner = inner
         self.positions = 0
         self.useful = 0
+        self.largest_batch = 0
 
     def __call__(self, examples):
         batch = self.inner(examples)
         self.positions += batch["input_ids"].numel()
+        self.largest_batch = max(self.largest_batch, batch["input_ids"].numel())
         mask = batch.get("attention_mask")
         self.useful += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         return batch
@@ -110,7 +112,11 @@ def run_arm(arm: str, options: argparse.Namespace) -> dict[str, Any]:
     eval_tok = tokenize_records(eval_records, tokenizer, options.max_length)
     record_tokens = sum(len(r["input_ids"]) for r in train_tok)
     steps = -(-len(train_tok) // options.batch_size)
-    eval_loss_before = response_loss(model, tokenizer, eval_tok)["overall"]["loss"]
+
+    def held_out_loss() -> float | None:
+        return response_loss(model, tokenizer, eval_tok)["overall"]["loss"] if eval_tok else None
+
+    eval_loss_before = held_out_loss()
 
     with tempfile.TemporaryDirectory() as scratch:
         if arm == "trl":
@@ -144,7 +150,9 @@ def run_arm(arm: str, options: argparse.Namespace) -> dict[str, Any]:
         "arm": arm,
         "train_records": len(train_tok),
         "useful_tokens": counter.useful,
+        "record_tokens": record_tokens,
         "processed_positions": counter.positions,
+        "largest_batch_positions": counter.largest_batch,
         "padding_fraction": 1 - counter.useful / counter.positions,
         "optimizer_steps": trainer.state.global_step,
         "seconds": seconds,
@@ -152,7 +160,7 @@ def run_arm(arm: str, options: argparse.Namespace) -> dict[str, Any]:
         "peak_memory_bytes": peak,
         "peak_memory_kind": "torch.cuda.max_memory_allocated" if torch.cuda.is_available() else "process max RSS",
         "eval_loss_before": eval_loss_before,
-        "eval_loss": response_loss(model, tokenizer, eval_tok)["overall"]["loss"],
+        "eval_loss": held_out_loss(),
         "eval_records": len(eval_tok),
     }
     if torch.cuda.is_available():
@@ -177,8 +185,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--training-dataset", default=default_dataset())
-    parser.add_argument("--train-records", type=int, default=120)
-    parser.add_argument("--eval-records", type=int, default=40)
+    parser.add_argument("--train-records", type=int, default=120, help="0: every record not held out")
+    parser.add_argument("--eval-records", type=int, default=40, help="held out for the loss after training (0: none)")
     parser.add_argument("--batch-size", type=int, default=6, help="records per optimizer step (Dolly's A100 value)")
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--lr", type=float, default=2e-5)
@@ -201,8 +209,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     resolve_model(options.model)  # build or convert once, before the arms start
     forwarded, results = run_arms("bench.throughput", options.arms.split(","), argv)
     payload: dict[str, Any] = {
-        "command": "python -m bench.throughput " + " ".join(forwarded),
-        "machine": machine(),
+        **result_header("bench.throughput", forwarded),
         "model": options.model,
         "training_dataset": Path(options.training_dataset).name,
         "batch_size": options.batch_size,
@@ -212,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for baseline in ("original", "trl"):
         if ours and baseline in results:
             payload[f"ratio_vs_{baseline}"] = ours / results[baseline]["useful_tokens_per_second"]
-    if "ours" in results and "original" in results:
+    if "ours" in results and "original" in results and results["original"]["eval_loss"]:
         payload["eval_loss_ours_vs_original"] = results["ours"]["eval_loss"] / results["original"]["eval_loss"] - 1
     payload["eval_loss"] = {arm: r["eval_loss"] for arm, r in results.items()}
     write_json(options.out, payload)

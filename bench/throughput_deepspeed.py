@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import PROJECT_ROOT, RESULTS_DIR, default_dataset, machine, split_records, write_json
+from bench.common import PROJECT_ROOT, RESULTS_DIR, default_dataset, result_header, split_records, write_json
 from bench.throughput import resolve_model
 from training.launch import free_port
 
@@ -35,22 +36,26 @@ logger = logging.getLogger(__name__)
 ARMS = {"original": ["--no-packing"], "ours": []}
 
 
-def launch_arm(arm: str, options: argparse.Namespace, data: Path, scratch: Path) -> dict[str, Any]:
-    """One arm in its own DeepSpeed launch; its figures from the trainer state it saved."""
-    out = scratch / arm
+def launch_arm(
+    arm: str, options: argparse.Namespace, data: Path, scratch: Path, *, module: str = "training.trainer",
+    extra: tuple[str, ...] = (), env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """One arm in its own DeepSpeed launch (of ``module``, with ``extra`` flags and ``env`` on top of this one's);
+    its figures from the trainer state it saved."""
+    out = scratch / "-".join([arm, *extra, *(env or {})])
     per_device = options.batch_size // options.ranks
     command = [
         sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(options.ranks),
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        "--module", "training.trainer",
+        "--module", module,
         "--input-model", resolve_model(options.model), "--training-dataset", str(data), "--local-output-dir", str(out),
         "--deepspeed", str(options.deepspeed), "--epochs", "1", "--per-device-train-batch-size", str(per_device),
         "--test-size", "0", "--save-steps", "100000", "--logging-steps", "5", "--lr", str(options.lr),
         "--warmup-steps", "0", "--max-length", str(options.max_length), "--seed", str(options.seed), "--no-mlflow",
-        *ARMS[arm],
+        *ARMS[arm], *extra,
     ]
     started = time.perf_counter()
-    completed = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
+    completed = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})})
     wall = time.perf_counter() - started
     if completed.returncode != 0:
         raise RuntimeError(f"{arm} failed:\n{completed.stderr[-4000:]}")
@@ -59,7 +64,7 @@ def launch_arm(arm: str, options: argparse.Namespace, data: Path, scratch: Path)
     losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
     return {
         "arm": arm,
-        "flags": ARMS[arm],
+        "flags": [*ARMS[arm], *extra],
         "useful_tokens": summary["num_input_tokens_seen"],
         "train_runtime_seconds": summary["train_runtime"],
         "launch_wall_seconds": wall,
@@ -100,8 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             logger.info("Arm %s", arm)
             results[arm] = launch_arm(arm, options, data, Path(scratch))
     payload: dict[str, Any] = {
-        "command": "python -m bench.throughput_deepspeed " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine(),
+        **result_header("bench.throughput_deepspeed", argv),
         "model": options.model,
         "training_dataset": Path(options.training_dataset).name,
         "train_records": len(train),

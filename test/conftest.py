@@ -12,7 +12,6 @@ import pytest
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_DATA = PROJECT_ROOT / "data" / "dolly_sample.jsonl"
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
-CPU_CONFIG = PROJECT_ROOT / "config" / "cpu_config.json"
 
 # DeepSpeed and tokenizers are noisy or fork-unsafe in tests; keep runs quiet and offline.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -48,7 +47,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def zero3_run(tiny_model_dir, tmp_path_factory) -> SimpleNamespace:
     """One 2-rank ZeRO-3 CPU run of the tiny model (4 steps, checkpoints at 2 and 4, seed 11), logging to an MLflow
     store of its own: shared by the tests that read such a run (the CLI, run_config.json, MLflow, multi-node)."""
-    from helpers import quick_training_args, run_trainer
+    from helpers import run_trainer, zero3_run_args
 
     from training.launch import free_port
     from training.tracking import local_mlflow_store
@@ -57,12 +56,25 @@ def zero3_run(tiny_model_dir, tmp_path_factory) -> SimpleNamespace:
     experiment = "dolly-tests"
     env = {"MLFLOW_TRACKING_URI": local_mlflow_store(folder / "store", experiment), "MLFLOW_EXPERIMENT_NAME": experiment}
     out = folder / "out"
-    args = quick_training_args(tiny_model_dir, SAMPLE_DATA, out, "--deepspeed", str(CPU_CONFIG), "--seed", "11")
+    args = zero3_run_args(tiny_model_dir, SAMPLE_DATA, out)
     port = free_port()
     result = run_trainer(args, deepspeed_ranks=2, master_port=port, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return SimpleNamespace(out=out, args=args, env=env, uri=env["MLFLOW_TRACKING_URI"], experiment=experiment,
                            port=port, result=result)
+
+
+@pytest.fixture(scope="session")
+def lora_run(tiny_model_dir, tmp_path_factory) -> SimpleNamespace:
+    """One 2-rank LoRA run of the tiny model under the DeepSpeed launcher (``zero3_run``'s arguments plus LoRA's):
+    shared by the LoRA tests and the LoRA resume test."""
+    from helpers import lora_run_args, run_trainer
+
+    out = tmp_path_factory.mktemp("lora-run") / "out"
+    args = lora_run_args(tiny_model_dir, SAMPLE_DATA, out)
+    result = run_trainer(args, deepspeed_ranks=2)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return SimpleNamespace(out=out, args=args, result=result)
 
 
 @pytest.fixture(scope="session")

@@ -68,3 +68,16 @@ def quick_training_args(model_dir: Path, data: Path, output_dir: Path, *extra: s
         "--max-steps", "4", "--eval-steps", "2", "--save-steps", "2", "--logging-steps", "1", "--lr", "1e-3",
         "--warmup-steps", "0", *extra,
     ]
+
+
+CPU_ZERO3_CONFIG = PROJECT_ROOT / "config" / "cpu_config.json"
+
+
+def zero3_run_args(model_dir: Path, data: Path, output_dir: Path, *extra: str) -> list[str]:
+    """The arguments of the shared 2-rank ZeRO-3 run (conftest's ``zero3_run``), writing to ``output_dir``."""
+    return quick_training_args(model_dir, data, output_dir, "--deepspeed", str(CPU_ZERO3_CONFIG), "--seed", "11", *extra)
+
+
+def lora_run_args(model_dir: Path, data: Path, output_dir: Path, *extra: str) -> list[str]:
+    """The arguments of the shared 2-rank LoRA run (conftest's ``lora_run``), writing to ``output_dir``."""
+    return zero3_run_args(model_dir, data, output_dir, "--lora-r", "8", "--lora-alpha", "16", "--lr", "5e-2", *extra)

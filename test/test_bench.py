@@ -69,3 +69,29 @@ def test_throughput_under_the_deepspeed_launcher_small(tiny_model_dir, sample_pa
     rendered = report.render("<!-- bench:throughput_deepspeed -->\n<!-- /bench:throughput_deepspeed -->\n",
                              results_dir=tmp_path)
     assert "ours / original under the launcher" in rendered
+
+
+def test_scaling_sweeps_records_and_lengths(tiny_model_dir, sample_path, tmp_path, monkeypatch):
+    from bench import scaling
+
+    # Each point in this process (bench.common.run_in_own_process is exercised by the throughput test above).
+    monkeypatch.setattr(scaling, "run_in_own_process",
+                        lambda module, args: throughput.run_arm("ours", throughput.parse_args(args)))
+    out = tmp_path / "scaling.json"
+    result = scaling.main(["--model", str(tiny_model_dir), "--training-dataset", str(sample_path), "--batch-size", "4",
+                           "--records", "8,16", "--length-for-records", "512", "--max-lengths", "128,512",
+                           "--records-for-lengths", "16", "--out", str(out)])
+    by_records = result["records_sweep"]
+    assert [p["records"] for p in by_records] == [8, 16] and by_records[0]["train_records"] == 8
+    assert by_records[1]["train_records"] == 16 and by_records[1]["useful_tokens"] > by_records[0]["useful_tokens"]
+    short, long = result["length_sweep"]
+    assert long == by_records[1]  # the shared point is measured once
+    # A shorter max length drops the longer records, as the trainer does, and so shrinks the largest step.
+    assert short["train_records"] < long["train_records"]
+    assert short["largest_batch_positions"] < long["largest_batch_positions"]
+    for point in by_records + [short]:
+        assert point["useful_tokens"] == point["record_tokens"]  # packing pads nothing
+        assert point["optimizer_steps"] == -(-point["train_records"] // 4)
+    assert json.loads(out.read_text())["records_sweep"] == by_records and out.with_suffix(".png").stat().st_size > 0
+    rendered = report.render("<!-- bench:scaling -->\n<!-- /bench:scaling -->\n", results_dir=tmp_path)
+    assert "| 16 | 128 |" in rendered and "largest step" in rendered

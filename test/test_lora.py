@@ -17,15 +17,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def lora_output(tiny_model_dir, sample_path, tmp_path_factory):
-    out = tmp_path_factory.mktemp("lora") / "out"
-    args = quick_training_args(
-        tiny_model_dir, sample_path, out, "--deepspeed", str(PROJECT_ROOT / "config/cpu_config.json"),
-        "--lora-r", "8", "--lora-alpha", "16", "--lr", "5e-2",
-    )
-    result = run_trainer(args, deepspeed_ranks=2)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return out
+def lora_output(lora_run):
+    """The shared 2-rank LoRA run (conftest): rank 0 r=8, alpha 16, 4 steps under ``deepspeed --num_gpus 2``."""
+    return lora_run.out
 
 
 def test_merged_output_is_a_plain_pipeline_model_and_keeps_its_adapter(lora_output, tiny_model_dir):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import PROJECT_ROOT, quick_training_args, subprocess_env
+from helpers import PROJECT_ROOT, subprocess_env, zero3_run_args
 from safetensors.torch import load_file
 
 from training.checkpoints import COMPLETE_MARKER
@@ -19,13 +19,8 @@ from training.launch import free_port
 
 pytestmark = pytest.mark.slow
 
-CPU_CONFIG = str(PROJECT_ROOT / "config" / "cpu_config.json")
 NODES = 2
 KILLED_JOB_ENDS_WITHIN_S = 120
-
-
-def training_args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return quick_training_args(model_dir, data, out, "--deepspeed", CPU_CONFIG, "--seed", "11", *extra)
 
 
 def torchrun_node(rank: int, port: int, args: list[str]) -> list[str]:
@@ -88,16 +83,15 @@ def max_difference(first: dict, second: dict) -> float:
 
 
 @pytest.fixture(scope="module")
-def one_node_two_ranks(zero3_run, tiny_model_dir, sample_path) -> dict:
-    """The shared 1 node x 2 ranks run (conftest): the same arguments as every run here."""
-    assert zero3_run.args == training_args(tiny_model_dir, sample_path, zero3_run.out)
+def one_node_two_ranks(zero3_run) -> dict:
+    """The shared 1 node x 2 ranks run (conftest): every run here uses its arguments (``zero3_run_args``)."""
     return weights(zero3_run.out)
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_two_nodes_give_the_weights_of_one_node(launcher, tiny_model_dir, sample_path, tmp_path, one_node_two_ranks):
     out = tmp_path / "out"
-    nodes = start_nodes(node_commands(launcher, training_args(tiny_model_dir, sample_path, out), tmp_path), tmp_path / "logs")
+    nodes = start_nodes(node_commands(launcher, zero3_run_args(tiny_model_dir, sample_path, out), tmp_path), tmp_path / "logs")
     codes = wait_all(nodes, timeout=600)
     assert codes == [0] * NODES, node_logs(tmp_path / "logs")
     assert max_difference(weights(out), one_node_two_ranks) <= 1e-5
@@ -129,7 +123,7 @@ def worker_of(node: subprocess.Popen) -> psutil.Process:
 def test_a_killed_worker_ends_the_job_and_resume_continues_it(launcher, tiny_model_dir, sample_path, tmp_path,
                                                                one_node_two_ranks):
     out = tmp_path / "out"
-    args = training_args(tiny_model_dir, sample_path, out)
+    args = zero3_run_args(tiny_model_dir, sample_path, out)
     nodes = start_nodes(node_commands(launcher, args, tmp_path), tmp_path / "logs")
     victim = worker_of(nodes[1])
     checkpoint = out / "checkpoint-2" / COMPLETE_MARKER

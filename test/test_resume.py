@@ -14,7 +14,15 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import PROJECT_ROOT, quick_training_args, run_trainer, subprocess_env, trainer_command
+from helpers import (
+    PROJECT_ROOT,
+    lora_run_args,
+    quick_training_args,
+    run_trainer,
+    subprocess_env,
+    trainer_command,
+    zero3_run_args,
+)
 from safetensors.torch import load_file
 
 from training.checkpoints import COMPLETE_MARKER
@@ -23,18 +31,11 @@ from training.saving import is_finished_output
 
 pytestmark = pytest.mark.slow
 
-CPU_ZERO3 = str(PROJECT_ROOT / "config" / "cpu_config.json")
 TRAIN_LOSS_LINE = "{'loss':"
 
 
 def assert_ok(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-
-
-def six_step_args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    """Six steps, a complete checkpoint every two, no evaluation (its logs would only add noise here)."""
-    return quick_training_args(model_dir, data, out, "--max-steps", "6", "--test-size", "0", "--deepspeed", CPU_ZERO3,
-                               *extra)
 
 
 def max_weight_difference(first: Path, second: Path) -> float:
@@ -50,17 +51,17 @@ def logged(output_dir: Path, key: str) -> dict[int, float]:
 
 
 def assert_resumed_like_uninterrupted(reference: Path, resumed_out: Path, resumed: subprocess.CompletedProcess,
-                                      resumed_from: int, weights: str = "model.safetensors") -> None:
+                                      resumed_from: int, steps: int, weights: str = "model.safetensors") -> None:
     log = resumed.stdout + resumed.stderr
     assert f"Resuming from {resumed_out / f'checkpoint-{resumed_from}'}" in log
     # Only the remaining steps ran in the resumed process (one loss line per step).
-    assert log.count(TRAIN_LOSS_LINE) == 6 - resumed_from, log[-4000:]
+    assert log.count(TRAIN_LOSS_LINE) == steps - resumed_from, log[-4000:]
     assert is_finished_output(resumed_out)
     assert max_weight_difference(reference / weights, resumed_out / weights) <= 1e-5
     # Same losses and learning rates after the resume point: data order, schedule and RNG continued.
     reference_losses, resumed_losses = logged(reference, "loss"), logged(resumed_out, "loss")
-    assert sorted(resumed_losses) == list(range(1, 7))
-    for step in range(resumed_from + 1, 7):
+    assert sorted(resumed_losses) == list(range(1, steps + 1))
+    for step in range(resumed_from + 1, steps + 1):
         assert resumed_losses[step] == pytest.approx(reference_losses[step], abs=1e-5)
     assert logged(resumed_out, "learning_rate") == logged(reference, "learning_rate")
 
@@ -72,31 +73,29 @@ def run_killed(args: list[str], fault: str) -> None:
     assert not is_finished_output(Path(args[args.index("--local-output-dir") + 1]))
 
 
-@pytest.fixture(scope="module")
-def uninterrupted_full(tiny_model_dir, sample_path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("uninterrupted") / "out"
-    assert_ok(run_trainer(six_step_args(tiny_model_dir, sample_path, out), deepspeed_ranks=2))
-    return out
+# The kills below stop a run with the arguments of a shared uninterrupted 2-rank run (conftest's ``zero3_run`` and
+# ``lora_run``: 4 steps, evaluation and a complete checkpoint at steps 2 and 4), which is their reference.
+SHARED_RUN_STEPS = 4
 
 
 def test_zero3_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_model(
-    tiny_model_dir, sample_path, tmp_path, uninterrupted_full
+    tiny_model_dir, sample_path, tmp_path, zero3_run
 ):
     out = tmp_path / "out"
-    args = six_step_args(tiny_model_dir, sample_path, out)
-    run_killed(args, "kill-after-checkpoint:4")
-    assert (out / "checkpoint-4" / COMPLETE_MARKER).exists()
+    args = zero3_run_args(tiny_model_dir, sample_path, out)
+    run_killed(args, "kill-after-checkpoint:2")
+    assert (out / "checkpoint-2" / COMPLETE_MARKER).exists() and not (out / "checkpoint-4").exists()
 
     resumed = run_trainer(args + ["--resume"], deepspeed_ranks=2)
     assert_ok(resumed)
-    assert_resumed_like_uninterrupted(uninterrupted_full, out, resumed, resumed_from=4)
+    assert_resumed_like_uninterrupted(zero3_run.out, out, resumed, resumed_from=2, steps=SHARED_RUN_STEPS)
 
 
 def test_zero3_run_killed_while_saving_resumes_from_the_previous_checkpoint(
-    tiny_model_dir, sample_path, tmp_path, uninterrupted_full
+    tiny_model_dir, sample_path, tmp_path, zero3_run
 ):
     out = tmp_path / "out"
-    args = six_step_args(tiny_model_dir, sample_path, out)
+    args = zero3_run_args(tiny_model_dir, sample_path, out)
     run_killed(args, "kill-while-saving:4")
     half_written = out / "checkpoint-4"
     # Rank 0 wrote its trainer state, so the folder looks whole; rank 1's RNG state is missing and it is unmarked.
@@ -106,24 +105,21 @@ def test_zero3_run_killed_while_saving_resumes_from_the_previous_checkpoint(
     resumed = run_trainer(args + ["--resume"], deepspeed_ranks=2)
     assert_ok(resumed)
     assert f"Removing incomplete checkpoint {half_written}" in resumed.stderr
-    assert_resumed_like_uninterrupted(uninterrupted_full, out, resumed, resumed_from=2)
+    assert_resumed_like_uninterrupted(zero3_run.out, out, resumed, resumed_from=2, steps=SHARED_RUN_STEPS)
 
 
-def test_lora_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_model(tiny_model_dir, sample_path, tmp_path):
-    lora = ("--lora-r", "4", "--lr", "1e-2")
-    reference = tmp_path / "reference"
-    assert_ok(run_trainer(six_step_args(tiny_model_dir, sample_path, reference, *lora), deepspeed_ranks=2))
-
+def test_lora_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_model(tiny_model_dir, sample_path, tmp_path,
+                                                                               lora_run):
     out = tmp_path / "out"
-    args = six_step_args(tiny_model_dir, sample_path, out, *lora)
-    run_killed(args, "kill-after-checkpoint:4")
+    args = lora_run_args(tiny_model_dir, sample_path, out)  # the shared LoRA run's (conftest): its reference
+    run_killed(args, "kill-after-checkpoint:2")
 
     resumed = run_trainer(args + ["--resume"], deepspeed_ranks=2)
     assert_ok(resumed)
-    assert_resumed_like_uninterrupted(reference, out, resumed, resumed_from=4)
+    assert_resumed_like_uninterrupted(lora_run.out, out, resumed, resumed_from=2, steps=SHARED_RUN_STEPS)
     # The adapter itself, not only the merged weights, continued where it stopped.
     adapter = "adapter/adapter_model.safetensors"
-    assert max_weight_difference(reference / adapter, out / adapter) <= 1e-5
+    assert max_weight_difference(lora_run.out / adapter, out / adapter) <= 1e-5
 
 
 def test_second_run_on_a_busy_output_folder_is_refused_and_a_killed_run_leaves_no_stale_lock(
