@@ -104,11 +104,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             env = {key: value.format(threads_per_rank=threads_per_rank) for key, value in env.items()}
             for arm in options.arms.split(","):
                 logger.info("Profiling %s, %s", arm, variant)
-                profiles = scratch / "profiles" / f"{arm}-{len(results)}"
-                env_with_profile = {**env, "DOLLY_PROFILE": f"{options.profile_steps}:{profiles}"}
-                run = launch_arm(arm, launch_options, data, scratch, module="bench.profiled_trainer", extra=flags,
-                                 env=env_with_profile)
-                ranks = [summarize(json.loads(path.read_text())) for path in sorted(profiles.glob("rank*.json"))]
+                launch = scratch / f"launch-{len(results)}"
+                env_with_profile = {**env, "DOLLY_PROFILE": f"{options.profile_steps}:{launch / 'profiles'}"}
+                run = launch_arm(arm, launch_options, data, launch / "out", module="bench.profiled_trainer",
+                                 extra=flags, env=env_with_profile)
+                ranks = [summarize(json.loads(path.read_text())) for path in sorted((launch / "profiles").glob("rank*.json"))]
                 results[f"{arm}, {variant}"] = {"arm": arm, "variant": variant, "env": env, **run, "ranks": ranks}
     payload = {
         **result_header("bench.profile_launcher", argv),

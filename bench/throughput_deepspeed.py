@@ -37,12 +37,11 @@ ARMS = {"original": ["--no-packing"], "ours": []}
 
 
 def launch_arm(
-    arm: str, options: argparse.Namespace, data: Path, scratch: Path, *, module: str = "training.trainer",
+    arm: str, options: argparse.Namespace, data: Path, out: Path, *, module: str = "training.trainer",
     extra: tuple[str, ...] = (), env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """One arm in its own DeepSpeed launch (of ``module``, with ``extra`` flags and ``env`` on top of this one's);
-    its figures from the trainer state it saved."""
-    out = scratch / "-".join([arm, *extra, *(env or {})])
+    """One arm in its own DeepSpeed launch (of ``module``, with ``extra`` flags and ``env`` on top of this one's),
+    writing to ``out``; its figures from the trainer state it saved."""
     per_device = options.batch_size // options.ranks
     command = [
         sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(options.ranks),
@@ -88,14 +87,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--deepspeed", type=Path, default=PROJECT_ROOT / "config" / "cpu_config.json")
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "throughput_deepspeed.json")
-    return parser.parse_args(argv)
+    options = parser.parse_args(argv)
+    if options.batch_size % options.ranks:
+        parser.error(f"--batch-size {options.batch_size} does not split over {options.ranks} ranks")
+    return options
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
     options = parse_args(argv)
-    if options.batch_size % options.ranks:
-        raise SystemExit(f"--batch-size {options.batch_size} does not split over {options.ranks} ranks")
     train, _ = split_records(options.training_dataset, options.eval_records, options.train_records, options.seed)
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data.write_text("".join(json.dumps(record) + "\n" for record in train))
         for arm in options.arms.split(","):
             logger.info("Arm %s", arm)
-            results[arm] = launch_arm(arm, options, data, Path(scratch))
+            results[arm] = launch_arm(arm, options, data, Path(scratch) / arm)
     payload: dict[str, Any] = {
         **result_header("bench.throughput_deepspeed", argv),
         "model": options.model,

@@ -47,7 +47,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def zero3_run(tiny_model_dir, tmp_path_factory) -> SimpleNamespace:
     """One 2-rank ZeRO-3 CPU run of the tiny model (4 steps, checkpoints at 2 and 4, seed 11), logging to an MLflow
     store of its own: shared by the tests that read such a run (the CLI, run_config.json, MLflow, multi-node)."""
-    from helpers import run_trainer, zero3_run_args
+    from helpers import assert_ok, run_trainer, zero3_run_args
 
     from training.launch import free_port
     from training.tracking import local_mlflow_store
@@ -59,7 +59,7 @@ def zero3_run(tiny_model_dir, tmp_path_factory) -> SimpleNamespace:
     args = zero3_run_args(tiny_model_dir, SAMPLE_DATA, out)
     port = free_port()
     result = run_trainer(args, deepspeed_ranks=2, master_port=port, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert_ok(result)
     return SimpleNamespace(out=out, args=args, env=env, uri=env["MLFLOW_TRACKING_URI"], experiment=experiment,
                            port=port, result=result)
 
@@ -68,12 +68,12 @@ def zero3_run(tiny_model_dir, tmp_path_factory) -> SimpleNamespace:
 def lora_run(tiny_model_dir, tmp_path_factory) -> SimpleNamespace:
     """One 2-rank LoRA run of the tiny model under the DeepSpeed launcher (``zero3_run``'s arguments plus LoRA's):
     shared by the LoRA tests and the LoRA resume test."""
-    from helpers import lora_run_args, run_trainer
+    from helpers import assert_ok, lora_run_args, run_trainer
 
     out = tmp_path_factory.mktemp("lora-run") / "out"
     args = lora_run_args(tiny_model_dir, SAMPLE_DATA, out)
     result = run_trainer(args, deepspeed_ranks=2)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert_ok(result)
     return SimpleNamespace(out=out, args=args, result=result)
 
 

@@ -60,6 +60,11 @@ def run_trainer(
     )
 
 
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    """The run exited 0; otherwise the failure shows the ends of its output."""
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+
 def quick_training_args(model_dir: Path, data: Path, output_dir: Path, *extra: str) -> list[str]:
     """A few steps of training with frequent checkpoints, for tests."""
     return [

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from helpers import (
     PROJECT_ROOT,
+    assert_ok,
     lora_run_args,
     quick_training_args,
     run_trainer,
@@ -33,9 +34,6 @@ pytestmark = pytest.mark.slow
 
 TRAIN_LOSS_LINE = "{'loss':"
 
-
-def assert_ok(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
 
 
 def max_weight_difference(first: Path, second: Path) -> float:

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import PROJECT_ROOT, quick_training_args, run_trainer, subprocess_env
+from helpers import PROJECT_ROOT, assert_ok, quick_training_args, run_trainer, subprocess_env
 from transformers import pipeline
 
 from training.checkpoints import COMPLETE_MARKER
@@ -13,9 +13,6 @@ from training.trainer import parse_test_size
 
 pytestmark = pytest.mark.slow
 
-
-def assert_ok(result):
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
 
 
 def test_deepspeed_zero3_two_cpu_ranks_train_save_and_answer(zero3_run):
