@@ -33,19 +33,19 @@ import logging
 
 if "dbutils" not in globals() and __name__ == "__main__":
     # Outside Databricks: create .venv and install the requirements on first use, then continue inside it.
-    from training.env_setup import reexec_in_env
+    from training.driver.env_setup import reexec_in_env
 
     reexec_in_env("requirements.txt")
 
-logging.basicConfig(
-    format="%(asctime)s %(levelname)s [%(name)s] %(message)s", level=logging.INFO, datefmt="%Y-%m-%d %H:%M:%S"
-)
+from training.logs import configure_logging
+
+configure_logging()
 logging.getLogger("py4j").setLevel(logging.WARNING)
 logging.getLogger("sh.command").setLevel(logging.ERROR)
 
 # COMMAND ----------
 
-from training.notebook import NotebookWidgets, on_databricks
+from training.driver.notebook import NotebookWidgets, on_databricks
 
 databricks = on_databricks(globals())
 widgets = NotebookWidgets(globals().get("dbutils"))
@@ -53,9 +53,9 @@ widgets = NotebookWidgets(globals().get("dbutils"))
 # COMMAND ----------
 
 from training.data import load_training_dataset
-from training.modeling import load_tokenizer
-from training.notebook import notebook_spark, resolve_input_model
-from training.spark import names_a_table
+from training.driver.notebook import notebook_spark, resolve_input_model
+from training.driver.spark import names_a_table
+from training.rank.modeling import load_tokenizer
 
 # Resolve the model and check the data once, here, before a group of DeepSpeed processes is started.
 input_model = resolve_input_model(widgets.get("input_model"))
@@ -63,38 +63,43 @@ training_dataset = widgets.get("training_dataset")
 num_nodes = int(widgets.get("num_nodes") or 1)
 # Databricks' Spark session; elsewhere one on the spark_master widget's cluster, if given.
 spark = notebook_spark(globals(), widgets.get("spark_master"), num_nodes)
+columns = widgets.get("columns") or None  # the data's own column names, mapped onto the dolly fields
 dataset_is_table = names_a_table(spark, training_dataset)  # catalog.schema.table: read through Spark below
 if not dataset_is_table:
-    load_training_dataset(training_dataset)
+    load_training_dataset(training_dataset, columns)
 load_tokenizer(input_model)
 
 # COMMAND ----------
 
 import os
 
-from training.notebook import GPU_FAMILIES, deepspeed_command, run_paths
+from training.driver.notebook import GPU_FAMILIES, claim_run_dir, run_paths
 
+# A new run gets a folder of its own; resume_run continues a stopped run in its folder.
+resume_run = widgets.get("resume_run")
 paths = run_paths(
     widgets.get("experiment_id"),
     widgets.get("local_training_root"),
     widgets.get("dbfs_output_root"),
     databricks=databricks,
+    resume_run=resume_run,
 )
-os.makedirs(os.path.dirname(paths.local_output_dir), exist_ok=True)
+if not resume_run:
+    paths = claim_run_dir(paths)
 if paths.dbfs_output_dir:
     os.makedirs(os.path.dirname(paths.dbfs_output_dir), exist_ok=True)
 tensorboard_display_dir = paths.tensorboard_display_dir
 
 if dataset_is_table:
-    from training.spark import table_to_jsonl
+    from training.driver.spark import table_to_jsonl
 
-    training_dataset = table_to_jsonl(spark, training_dataset, f"{paths.local_output_dir}.records.jsonl")
+    training_dataset = table_to_jsonl(spark, training_dataset, f"{paths.local_output_dir}.records.jsonl", columns)
 
 print(f"Local Output Dir: {paths.local_output_dir}")
 print(f"DBFS Output Dir: {paths.dbfs_output_dir}")
 print(f"Tensorboard Display Dir: {tensorboard_display_dir}")
 
-from training.notebook import mlflow_environment
+from training.driver.notebook import mlflow_environment
 
 # Every run is an MLflow run (rank 0 logs it): the workspace's on Databricks, else a store under the training root.
 os.environ.update(
@@ -106,17 +111,25 @@ os.environ.update(
 )
 print(f"MLflow: {os.environ.get('MLFLOW_TRACKING_URI', 'MLflow default')}")
 
+from training.driver.notebook import notebook_plan
+
+# The launch, as one plan: the trainer's settings (the GPU family's recipe, the fine-tuning method, the widgets) and
+# how its processes start (launcher, GPUs per node, nodes).
 gpu_family = widgets.get("gpu_family")
-command = deepspeed_command(
+plan = notebook_plan(
     input_model=input_model,
     gpu_family=gpu_family,
     paths=paths,
     num_gpus=widgets.get("num_gpus"),
     training_dataset=training_dataset,
     finetuning=widgets.get("finetuning"),
+    num_nodes=num_nodes,
+    launcher=widgets.get("launcher"),
+    overrides={"columns": columns, **({"resume": True} if resume_run else {})},
 )
-if "--deepspeed" in command:
-    print(f"Deepspeed config file: {command[command.index('--deepspeed') + 1]}")
+print(f"Launcher: {plan.launcher}, nodes: {plan.num_nodes}")
+if plan.settings.deepspeed:
+    print(f"Deepspeed config file: {plan.settings.deepspeed}")
 
 # COMMAND ----------
 
@@ -125,32 +138,22 @@ if "--deepspeed" in command:
 
 # COMMAND ----------
 
-from training.notebook import launch_training, processes_per_node, trainer_args
+from training.driver.launch import launch_training
 
-if num_nodes > 1:  # one Spark worker per node, each running torchrun for its GPUs (see training/spark.py)
-    from training.spark import train_on_spark
-
-    train_on_spark(
-        trainer_args(command),
-        num_nodes=num_nodes,
-        processes_per_node=processes_per_node(spark, widgets.get("num_gpus"), gpu_family),
-        use_gpu=gpu_family != "cpu",
-    )
-else:
-    launch_training(command)
+# One node: the DeepSpeed launcher (or torchrun) here. More: one Spark worker per node, each running torchrun for its
+# GPUs (see training/driver/spark.py).
+launch_training(plan, spark=spark)
 
 # COMMAND ----------
 
 from training.generate import generate_response, load_model_tokenizer_for_generate
 
 trained_model_dir = paths.dbfs_output_dir or paths.local_output_dir
-model, tokenizer = load_model_tokenizer_for_generate(
-    trained_model_dir, dtype=GPU_FAMILIES[gpu_family].generation_dtype
-)
+model, tokenizer = load_model_tokenizer_for_generate(trained_model_dir, dtype=GPU_FAMILIES[gpu_family].generation_dtype)
 
 # COMMAND ----------
 
-from training.notebook import EXAMPLE_INSTRUCTIONS
+from training.driver.notebook import EXAMPLE_INSTRUCTIONS
 
 # Examples from https://www.databricks.com/blog/2023/03/24/hello-dolly-democratizing-magic-chatgpt-open-models.html
 for instruction in EXAMPLE_INSTRUCTIONS:
@@ -159,10 +162,21 @@ for instruction in EXAMPLE_INSTRUCTIONS:
 
 # COMMAND ----------
 
+from training.driver.notebook import evaluate_run
 from training.evaluate import report
-from training.notebook import evaluate_run
 
 # Did training help? Held-out response loss, answers that stop at ### End, and answers side by side, for the model
 # before and after training. The figures also go to the model card (README.md beside the model) and to MLflow.
 evaluation = evaluate_run(paths, training_dataset, baseline=input_model)
 print(report(evaluation))
+
+# COMMAND ----------
+
+from training.driver.benchmarks import parse_tasks
+
+# The dolly-v2 model card's benchmark table (EleutherAI's lm-evaluation-harness; its tasks' data comes from the
+# Hugging Face hub): set the benchmarks widget to "dolly-v2", or to lm-eval task names. Empty: skipped.
+benchmark_tasks = parse_tasks(widgets.get("benchmarks"))
+if benchmark_tasks:
+    evaluation = evaluate_run(paths, None, baseline=input_model, benchmarks=benchmark_tasks)
+    print(report(evaluation))

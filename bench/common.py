@@ -19,10 +19,10 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from training.collators import DataCollatorForCompletionOnlyLM
 from training.data import read_records
 from training.preprocess import IGNORE_INDEX, preprocess_batch
 from training.prompts import format_training_text
+from training.rank.collators import DataCollatorForCompletionOnlyLM
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DOLLY = PROJECT_ROOT.parent / "shared" / "data" / "dolly-15k-sample.jsonl"

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import PROJECT_ROOT, RESULTS_DIR, result_header, write_json
-from training.launch import free_port
-from training.saving import is_finished_output
-from training.synthetic import build_tiny_sample_model
+from bench.synthetic import build_tiny_sample_model
+from training.driver.launch import free_port
+from training.rank.saving import is_finished_output
 
 RANK_EXIT = re.compile(r"Process (\d+) exits (?:successfully|with return code = (-?\d+))")
 
@@ -33,16 +33,45 @@ SAMPLE_DATA = PROJECT_ROOT / "data" / "dolly_sample.jsonl"
 
 def launch_once(model: Path, output_dir: Path, ranks: int, log_path: Path) -> dict[str, Any]:
     command = [
-        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), "--module", "training.trainer",
-        "--input-model", str(model), "--training-dataset", str(SAMPLE_DATA),
-        "--local-output-dir", str(output_dir), "--deepspeed", str(PROJECT_ROOT / "config" / "cpu_config.json"),
-        "--per-device-train-batch-size", "4", "--per-device-eval-batch-size", "4", "--test-size", "8",
-        "--max-steps", "3", "--eval-steps", "2", "--save-steps", "2", "--logging-steps", "1", "--lr", "1e-3",
-        "--warmup-steps", "0",
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        str(ranks),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "training.trainer",
+        "--input-model",
+        str(model),
+        "--training-dataset",
+        str(SAMPLE_DATA),
+        "--local-output-dir",
+        str(output_dir),
+        "--deepspeed",
+        str(PROJECT_ROOT / "config" / "cpu_config.json"),
+        "--per-device-train-batch-size",
+        "4",
+        "--per-device-eval-batch-size",
+        "4",
+        "--test-size",
+        "8",
+        "--max-steps",
+        "3",
+        "--eval-steps",
+        "2",
+        "--save-steps",
+        "2",
+        "--logging-steps",
+        "1",
+        "--lr",
+        "1e-3",
+        "--warmup-steps",
+        "0",
     ]
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "PYTHONFAULTHANDLER": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "PYTHONFAULTHANDLER": "1", "TOKENIZERS_PARALLELISM": "false"}
     started = time.perf_counter()
     with open(log_path, "w") as log:
         returncode = subprocess.run(command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -74,11 +103,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for number in range(1, args.runs + 1):
             run = launch_once(model, scratch_dir / f"out-{number}", args.ranks, logs / f"run-{number}.log")
             runs.append(run)
-            print(f"run {number:2d}: exit {run['exit_code']}, ranks {run['rank_exit_codes']}, {run['seconds']} s, "
-                  f"finished model: {run['finished_model']}", flush=True)
+            print(
+                f"run {number:2d}: exit {run['exit_code']}, ranks {run['rank_exit_codes']}, {run['seconds']} s, "
+                f"finished model: {run['finished_model']}",
+                flush=True,
+            )
     zero = sum(1 for run in runs if run["exit_code"] == 0 and run["finished_model"])
-    result = {**result_header("bench.launcher_exits", argv), "ranks": args.ranks, "runs": runs,
-              "zero_exits_with_model": zero, "total": len(runs)}
+    result = {
+        **result_header("bench.launcher_exits", argv),
+        "ranks": args.ranks,
+        "runs": runs,
+        "zero_exits_with_model": zero,
+        "total": len(runs),
+    }
     print(f"{zero} of {len(runs)} launches exited 0 with a finished model")
     write_json(args.out, result)
     return result

@@ -34,10 +34,11 @@ from bench.common import (
     write_json,
 )
 from bench.throughput import CountingCollator, resolve_model, training_arguments
-from training.lora import LoraSettings, apply_lora
-from training.modeling import get_model_tokenizer
-from training.packing import packing_collator
-from training.quantization import quantization_config
+from training.logs import configure_logging
+from training.rank.lora import LoraSettings, apply_lora
+from training.rank.modeling import get_model_tokenizer
+from training.rank.packing import packing_collator
+from training.rank.quantization import quantization_config
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,9 @@ def load_arm_model(arm: str, model_dir: str, options: argparse.Namespace):
     dtype = torch.bfloat16 if options.bf16 and torch.cuda.is_available() else torch.float32
     kwargs: dict[str, Any] = {"dtype": dtype}
     if arm == "qlora":
-        kwargs["quantization_config"] = quantization_config(load_in_4bit=not options.qlora_8bit, load_in_8bit=options.qlora_8bit)
+        kwargs["quantization_config"] = quantization_config(
+            load_in_4bit=not options.qlora_8bit, load_in_8bit=options.qlora_8bit
+        )
         kwargs["device_map"] = {"": 0 if torch.cuda.is_available() else "cpu"}
     model, tokenizer = get_model_tokenizer(model_dir, **kwargs)
     if torch.cuda.is_available() and arm != "qlora":
@@ -69,11 +72,15 @@ def run_arm(arm: str, options: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
         counter = CountingCollator(packing_collator(model, tokenizer))
         arguments = TrainingArguments(**training_arguments(scratch, options, batch_size=options.batch_size))
-        trainer = Trainer(model=model, args=arguments, train_dataset=dataset, data_collator=counter,
-                          processing_class=tokenizer)
+        trainer = Trainer(
+            model=model, args=arguments, train_dataset=dataset, data_collator=counter, processing_class=tokenizer
+        )
         seconds = timed_training(trainer)
-    trainable, total = (model.get_nb_trainable_parameters() if hasattr(model, "get_nb_trainable_parameters")
-                        else (model.num_parameters(), model.num_parameters()))
+    trainable, total = (
+        model.get_nb_trainable_parameters()
+        if hasattr(model, "get_nb_trainable_parameters")
+        else (model.num_parameters(), model.num_parameters())
+    )
     return {
         "arm": arm,
         "peak_memory_bytes": peak_memory_bytes(),
@@ -107,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+    configure_logging()
     options = parse_args(argv)
     if options.run_arm:
         write_json(options.arm_result, run_arm(options.run_arm, options))

@@ -28,22 +28,36 @@ from typing import Any
 from bench.common import RESULTS_DIR, default_dataset, result_header, split_records, write_json
 from bench.throughput_deepspeed import launch_arm
 from bench.throughput_deepspeed import parse_args as throughput_deepspeed_args
+from training.logs import configure_logging
 
 logger = logging.getLogger(__name__)
 
 VARIANTS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
+    "unbalanced": (("--no-balance-ranks",), {}),
     "as shipped": ((), {}),
     "no checkpointing": (("--no-gradient-checkpointing",), {}),
     "cores shared out": ((), {"OMP_NUM_THREADS": "{threads_per_rank}"}),
 }
+DEFAULT_VARIANTS = ("unbalanced", "as shipped")
 
 # Substrings of operator names, first match wins. ZeRO-3 reduces and partitions each gradient in a hook that runs
 # after the gradient is accumulated (``register_post_accumulate_grad_hook``), so the profiler counts that hook, and
 # its waits for the reduction, as AccumulateGrad's own time.
 BUCKETS = {
     "gradient reduction (ZeRO-3 hooks)": ("accumulategrad",),
-    "communication": ("all_gather", "allgather", "reduce_scatter", "all_reduce", "allreduce", "broadcast", "c10d::",
-                      "gloo", "barrier", "record_param_comms", "wait"),
+    "communication": (
+        "all_gather",
+        "allgather",
+        "reduce_scatter",
+        "all_reduce",
+        "allreduce",
+        "broadcast",
+        "c10d::",
+        "gloo",
+        "barrier",
+        "record_param_comms",
+        "wait",
+    ),
     "matrix products": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"),
     "attention": ("scaled_dot_product", "flash_attention", "softmax"),
     "optimizer": ("adam", "_foreach_"),
@@ -67,10 +81,38 @@ def summarize(profile: dict[str, Any]) -> dict[str, Any]:
     return {
         "step_seconds": step_seconds,
         "intra_op_threads": profile["intra_op_threads"],
+        "positions_per_step": profile.get("positions_per_step", []),
         "seconds_per_step": dict(sorted(buckets.items(), key=lambda item: -item[1])),
-        "top_operators": [{"operator": name, "self_cpu_seconds_per_step": op["self_cpu_seconds"] / steps,
-                           "calls_per_step": op["calls"] / steps} for name, op in top],
+        "top_operators": [
+            {
+                "operator": name,
+                "self_cpu_seconds_per_step": op["self_cpu_seconds"] / steps,
+                "calls_per_step": op["calls"] / steps,
+            }
+            for name, op in top
+        ],
         "operators": profile["operators"],
+    }
+
+
+COMPUTE_BUCKETS = ("matrix products", "attention", "other operators", "optimizer")
+
+
+def balance(ranks: list[dict[str, Any]]) -> dict[str, float]:
+    """How evenly the ranks were loaded over the profiled steps.
+
+    - ``positions_max_over_mean``: per step, the busiest rank's token positions (padding included) over the ranks'
+      mean, averaged over the steps;
+    - ``wait_seconds_per_step``: per rank, the compute the busiest rank did beyond its own (operator self time in
+      the compute buckets): what it spent waiting for the other rank at the step's collectives; averaged over ranks.
+    """
+    compute = [sum(rank["seconds_per_step"].get(bucket, 0.0) for bucket in COMPUTE_BUCKETS) for rank in ranks]
+    per_step = list(zip(*(rank["positions_per_step"] for rank in ranks)))
+    ratios = [max(step) / (sum(step) / len(step)) for step in per_step if sum(step)]
+    return {
+        "positions_max_over_mean": sum(ratios) / len(ratios) if ratios else 1.0,
+        "compute_seconds_per_step": compute,
+        "wait_seconds_per_step": sum(max(compute) - own for own in compute) / len(compute),
     }
 
 
@@ -82,18 +124,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=6, help="records per optimizer step, over all ranks")
     parser.add_argument("--profile-steps", default="3:4", help="FIRST:COUNT optimizer steps to profile")
     parser.add_argument("--arms", default="original,ours")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"of {', '.join(VARIANTS)}")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "profile_launcher.json")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+    configure_logging()
     options = parse_args(argv)
     launch_options = throughput_deepspeed_args(["--model", options.model, "--batch-size", str(options.batch_size)])
     threads_per_rank = str(max(1, len(os.sched_getaffinity(0)) // launch_options.ranks))
-    train, _ = split_records(options.training_dataset, launch_options.eval_records, options.train_records,
-                             launch_options.seed)
+    train, _ = split_records(
+        options.training_dataset, launch_options.eval_records, options.train_records, launch_options.seed
+    )
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
@@ -106,10 +149,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 logger.info("Profiling %s, %s", arm, variant)
                 launch = scratch / f"launch-{len(results)}"
                 env_with_profile = {**env, "DOLLY_PROFILE": f"{options.profile_steps}:{launch / 'profiles'}"}
-                run = launch_arm(arm, launch_options, data, launch / "out", module="bench.profiled_trainer",
-                                 extra=flags, env=env_with_profile)
-                ranks = [summarize(json.loads(path.read_text())) for path in sorted((launch / "profiles").glob("rank*.json"))]
-                results[f"{arm}, {variant}"] = {"arm": arm, "variant": variant, "env": env, **run, "ranks": ranks}
+                run = launch_arm(
+                    arm,
+                    launch_options,
+                    data,
+                    launch / "out",
+                    module="bench.profiled_trainer",
+                    extra=flags,
+                    env=env_with_profile,
+                )
+                ranks = [
+                    summarize(json.loads(path.read_text())) for path in sorted((launch / "profiles").glob("rank*.json"))
+                ]
+                results[f"{arm}, {variant}"] = {
+                    "arm": arm,
+                    "variant": variant,
+                    "env": env,
+                    **run,
+                    "ranks": ranks,
+                    "balance": balance(ranks),
+                }
     payload = {
         **result_header("bench.profile_launcher", argv),
         "model": options.model,
@@ -122,8 +181,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, run in results.items():
         rank0 = run["ranks"][0]
         buckets = ", ".join(f"{bucket} {seconds:.2f}" for bucket, seconds in rank0["seconds_per_step"].items())
-        print(f"{name}: {run['useful_tokens_per_second']:.1f} useful tok/s; rank 0 step {rank0['step_seconds']:.2f} s "
-              f"({rank0['intra_op_threads']} threads): {buckets}")
+        print(
+            f"{name}: {run['useful_tokens_per_second']:.1f} useful tok/s; rank 0 step {rank0['step_seconds']:.2f} s "
+            f"({rank0['intra_op_threads']} threads): {buckets}"
+        )
     return payload
 
 

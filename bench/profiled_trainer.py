@@ -2,14 +2,14 @@
 launcher, for bench/profile_launcher.py.
 
 ``DOLLY_PROFILE="FIRST:COUNT:FOLDER"`` profiles steps FIRST .. FIRST+COUNT-1 (counted from 1) on every rank and
-writes ``FOLDER/rank<N>.json``: the wall seconds of those steps, the intra-op threads, and each operator's self CPU
-time (time inside the operator itself, not its children), summed over its calls.
+writes ``FOLDER/rank<N>.json``: the wall seconds of those steps, the intra-op threads, each operator's self CPU
+time (time inside the operator itself, not its children) summed over its calls, and the token positions the rank
+computed in each of those steps (padding included: what its compute follows).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from pathlib import Path
@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-import training.trainer as trainer_module
+import training.rank.dolly_trainer as dolly_trainer
+from training.trainer import run_cli
 
 
 class ProfileSteps(TrainerCallback):
@@ -25,12 +26,19 @@ class ProfileSteps(TrainerCallback):
         self.first, self.last, self.folder = first, first + count - 1, folder
         self.profiler: torch.profiler.profile | None = None
         self.started = 0.0
+        self.positions_per_step: list[int] = []
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step + 1 == self.first:
             self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
             self.profiler.__enter__()
             self.started = time.perf_counter()
+        if self.profiler is not None:
+            self.positions_per_step.append(0)
+
+    def count(self, positions: int) -> None:
+        if self.profiler is not None:
+            self.positions_per_step[-1] += positions
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.profiler is None or state.global_step != self.last:
@@ -43,20 +51,31 @@ class ProfileSteps(TrainerCallback):
         }
         self.profiler = None
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / f"rank{args.process_index}.json").write_text(json.dumps({
-            "steps": [self.first, self.last], "wall_seconds": wall, "intra_op_threads": torch.get_num_threads(),
-            "operators": operators,
-        }))
+        (self.folder / f"rank{args.process_index}.json").write_text(
+            json.dumps(
+                {
+                    "steps": [self.first, self.last],
+                    "wall_seconds": wall,
+                    "intra_op_threads": torch.get_num_threads(),
+                    "operators": operators,
+                    "positions_per_step": self.positions_per_step,
+                }
+            )
+        )
 
 
-class ProfiledTrainer(trainer_module.DollyTrainer):
+class ProfiledTrainer(dolly_trainer.DollyTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         first, count, folder = os.environ["DOLLY_PROFILE"].split(":", 2)
-        self.add_callback(ProfileSteps(int(first), int(count), Path(folder)))
+        self.profile = ProfileSteps(int(first), int(count), Path(folder))
+        self.add_callback(self.profile)
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        self.profile.count(inputs["input_ids"].numel())
+        return super().training_step(model, inputs, *args, **kwargs)
 
 
 if __name__ == "__main__":
-    logging.basicConfig(format="%(asctime)s %(levelname)s [%(name)s] %(message)s", level=logging.INFO)
-    trainer_module.DollyTrainer = ProfiledTrainer
-    trainer_module.main()
+    dolly_trainer.DollyTrainer = ProfiledTrainer  # what run_training builds
+    run_cli()

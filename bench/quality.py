@@ -38,8 +38,9 @@ from bench.common import (
 from bench.throughput import resolve_model
 from training.consts import RESPONSE_KEY_NL
 from training.generate import InstructionTextGenerationPipeline, load_model_tokenizer_for_generate
-from training.modeling import get_model_tokenizer, load_tokenizer
+from training.logs import configure_logging
 from training.prompts import format_training_text
+from training.rank.modeling import get_model_tokenizer, load_tokenizer
 from training.trainer import TRAINING_LOG_NAME, train
 
 logger = logging.getLogger(__name__)
@@ -52,8 +53,9 @@ def generations(model, tokenizer, records: list[dict], max_new_tokens: int, batc
     """Greedy answers through the pipeline, with why each one stopped."""
     generator = InstructionTextGenerationPipeline(model=model, tokenizer=tokenizer)
     inputs = [{"instruction": r["instruction"], "context": r["context"]} for r in records]
-    outputs = generator(inputs, batch_size=batch_size, do_sample=False, max_new_tokens=max_new_tokens,
-                        return_finish_reason=True)
+    outputs = generator(
+        inputs, batch_size=batch_size, do_sample=False, max_new_tokens=max_new_tokens, return_finish_reason=True
+    )
     return [{"text": out[0]["generated_text"], "finish_reason": out[0]["finish_reason"]} for out in outputs]
 
 
@@ -102,11 +104,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+    configure_logging()
     options = parse_args(argv)
     started = time.perf_counter()
     model_dir = resolve_model(options.input_model)
-    train_records, held_out = split_records(options.training_dataset, options.eval_records, options.train_records, options.seed)
+    train_records, held_out = split_records(
+        options.training_dataset, options.eval_records, options.train_records, options.seed
+    )
     stop_records = held_out[: options.stop_records]
     trained_tokenizer = load_tokenizer(model_dir)
     eval_tok = tokenize_records(held_out, trained_tokenizer, options.max_length)
@@ -127,15 +131,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data_file = Path(scratch) / "train.jsonl"
         data_file.write_text("".join(json.dumps(r) + "\n" for r in train_records))
         output_dir = train(
-            input_model=model_dir, local_output_dir=str(Path(scratch) / "model"), training_dataset=str(data_file),
-            epochs=options.epochs, max_steps=options.max_steps, per_device_train_batch_size=options.batch_size,
-            test_size=0, lr=options.lr, warmup_steps=options.warmup_steps, max_length=options.max_length,
-            save_steps=100_000, logging_steps=5 if not options.quick else 1, seed=options.seed,
+            input_model=model_dir,
+            local_output_dir=str(Path(scratch) / "model"),
+            training_dataset=str(data_file),
+            epochs=options.epochs,
+            max_steps=options.max_steps,
+            per_device_train_batch_size=options.batch_size,
+            test_size=0,
+            lr=options.lr,
+            warmup_steps=options.warmup_steps,
+            max_length=options.max_length,
+            save_steps=100_000,
+            logging_steps=5 if not options.quick else 1,
+            seed=options.seed,
             gradient_checkpointing=False,
         )
         log_history = json.loads((output_dir / TRAINING_LOG_NAME).read_text())["log_history"]
         steps = max(entry["step"] for entry in log_history)
-        tuned_model, tuned_tokenizer = load_model_tokenizer_for_generate(str(output_dir), dtype=torch.float32, device_map="cpu")
+        tuned_model, tuned_tokenizer = load_model_tokenizer_for_generate(
+            str(output_dir), dtype=torch.float32, device_map="cpu"
+        )
         after = measure(tuned_model, tuned_tokenizer, tuned_tokenizer, eval_tok, stop_records, options.max_new_tokens)
         # The same instructions with the pipeline's default budget, for answers that are long by nature.
         long_budget = generations(tuned_model, tuned_tokenizer, stop_records, LONG_BUDGET)
@@ -161,18 +176,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "eval_loss_change": after["loss"]["overall"]["loss"] / before["loss"]["overall"]["loss"] - 1,
         "stop_rate_before": before["stop_rate"],
         "stop_rate_after": after["stop_rate"],
-        "finish_reasons_after": {r: sum(a["finish_reason"] == r for a in after["answers"]) for r in ("end_key", "eos", "length")},
+        "finish_reasons_after": {
+            r: sum(a["finish_reason"] == r for a in after["answers"]) for r in ("end_key", "eos", "length")
+        },
         # How many human reference answers (with "### End") would themselves fit in the budget.
         "reference_fits_rate": sum(n <= options.max_new_tokens for n in reference_lengths) / len(stop_records),
         f"stop_rate_after_{LONG_BUDGET}_tokens": stop_rate(long_budget),
         "stop_details_after": [
-            {"category": r.get("category") or "unknown", "reference_tokens": n, "finish_reason": a["finish_reason"],
-             f"finish_reason_{LONG_BUDGET}_tokens": b["finish_reason"]}
+            {
+                "category": r.get("category") or "unknown",
+                "reference_tokens": n,
+                "finish_reason": a["finish_reason"],
+                f"finish_reason_{LONG_BUDGET}_tokens": b["finish_reason"],
+            }
             for r, n, a, b in zip(stop_records, reference_lengths, after["answers"], long_budget)
         ],
         "per_category": {
-            c: {"records_tokens": before["loss"][c]["tokens"], "loss_before": before["loss"][c]["loss"],
-                "loss_after": after["loss"][c]["loss"]}
+            c: {
+                "records_tokens": before["loss"][c]["tokens"],
+                "loss_before": before["loss"][c]["loss"],
+                "loss_after": after["loss"][c]["loss"],
+            }
             for c in categories
         },
         "side_by_side": [
@@ -183,10 +207,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seconds": time.perf_counter() - started,
     }
     write_json(options.out, payload)
-    draw_loss_curve(log_history, options.out.with_name(options.out.stem + "_loss.png"),
-                    f"{options.input_model}: {len(train_records)} records, lr {options.lr}")
-    summary = {k: payload[k] for k in ("eval_loss_before", "eval_loss_after", "eval_loss_change", "stop_rate_before",
-                                        "stop_rate_after", "steps", "seconds")}
+    draw_loss_curve(
+        log_history,
+        options.out.with_name(options.out.stem + "_loss.png"),
+        f"{options.input_model}: {len(train_records)} records, lr {options.lr}",
+    )
+    summary = {
+        k: payload[k]
+        for k in (
+            "eval_loss_before",
+            "eval_loss_after",
+            "eval_loss_change",
+            "stop_rate_before",
+            "stop_rate_after",
+            "steps",
+            "seconds",
+        )
+    }
     print(json.dumps(summary, indent=2))
     return payload
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bench.common import PROJECT_ROOT, RESULTS_DIR
 
@@ -49,8 +50,7 @@ def quality_section(r: dict[str, Any]) -> str:
     ]
     if "reference_fits_rate" in r:
         lines += [
-            f"| stop rate within 256 new tokens (Dolly's pipeline default) | | "
-            f"{r['stop_rate_after_256_tokens']:.2f} |",
+            f"| stop rate within 256 new tokens (Dolly's pipeline default) | | {r['stop_rate_after_256_tokens']:.2f} |",
             "",
             f"Of the held-out human answers, {100 * r['reference_fits_rate']:.0f}% fit in 128 tokens themselves; "
             "the answers that did not stop are listed in the result file (`stop_details_after`).",
@@ -131,8 +131,9 @@ def throughput_deepspeed_section(r: dict[str, Any]) -> str:
         "",
         f"The real trainer CLI under `deepspeed --num_gpus {r['ranks']}` with `config/{r['deepspeed_config']}` (ZeRO-3), "
         f"{model_label(r['model'])}, the same {r['train_records']} real dolly records, one epoch, {r['batch_size']} "
-        "records per optimizer step over the ranks; each arm in its own launch. Useful tokens = the Trainer's count "
-        "of non-padding input tokens over all ranks; time = its `train_runtime`.",
+        "records per optimizer step over the ranks; each arm in its own launch. Dolly's recipe is `original, "
+        "unbalanced`: padded batches, records dealt to the ranks as the Trainer deals them. Useful tokens = the "
+        "Trainer's count of non-padding input tokens over all ranks; time = its `train_runtime`.",
         "",
         "| arm | flags | useful tokens/s | train runtime | whole launch | optimizer steps |",
         "|---|---|---|---|---|---|",
@@ -142,8 +143,13 @@ def throughput_deepspeed_section(r: dict[str, Any]) -> str:
             f"| {name} | `{' '.join(a['flags']) or '(defaults)'}` | {a['useful_tokens_per_second']:.0f} | "
             f"{a['train_runtime_seconds']:.0f} s | {a['launch_wall_seconds']:.0f} s | {a['optimizer_steps']} |"
         )
-    if "ratio_vs_original" in r:
-        lines += ["", f"- ours / original under the launcher: **{r['ratio_vs_original']:.2f}x** useful tokens per second"]
+    ratios = r.get("ratios") or ({"ours / original": r["ratio_vs_original"]} if "ratio_vs_original" in r else {})
+    if ratios:
+        lines.append("")
+        lines += [
+            f"- {label} under the launcher: **{value:.2f}x** useful tokens per second"
+            for label, value in ratios.items()
+        ]
     lines += ["", provenance(r)]
     return "\n".join(lines)
 
@@ -166,12 +172,31 @@ def profile_launcher_section(r: dict[str, Any]) -> str:
     for name, run in runs.items():
         rank0 = run["ranks"][0]
         cells = " | ".join(f"{rank0['seconds_per_step'].get(bucket, 0.0):.2f}" for bucket in buckets)
-        lines.append(f"| {name} | {run['useful_tokens_per_second']:.0f} | {rank0['intra_op_threads']} | "
-                     f"{rank0['step_seconds']:.2f} s | {cells} |")
+        lines.append(
+            f"| {name} | {run['useful_tokens_per_second']:.0f} | {rank0['intra_op_threads']} | "
+            f"{rank0['step_seconds']:.2f} s | {cells} |"
+        )
+    balanced = [(name, run["balance"]) for name, run in runs.items() if "balance" in run]
+    if balanced:
+        lines += [
+            "",
+            "How evenly the two ranks were loaded over the profiled steps: the busiest rank's token positions over the "
+            "ranks' mean (padding included), and the wait for the other rank, the compute the busier rank did beyond "
+            "this one's (operator self time of matrix products, attention, other operators and the optimizer), "
+            "averaged over the ranks:",
+            "",
+            "| arm, variant | busiest rank / mean, positions | wait for the other rank per step |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {name} | {b['positions_max_over_mean']:.3f} | {b['wait_seconds_per_step']:.2f} s |"
+            for name, b in balanced
+        ]
     variants = dict.fromkeys(run["variant"] for run in runs.values())
     ratios = [
         f"{variant} **{runs[f'ours, {variant}']['useful_tokens_per_second'] / runs[f'original, {variant}']['useful_tokens_per_second']:.2f}x**"
-        for variant in variants if f"ours, {variant}" in runs and f"original, {variant}" in runs
+        for variant in variants
+        if f"ours, {variant}" in runs and f"original, {variant}" in runs
     ]
     if ratios:
         lines += ["", "Ours / original, useful tokens per second over the whole run: " + "; ".join(ratios) + "."]
@@ -243,8 +268,10 @@ def memory_section(r: dict[str, Any]) -> str:
         if name in r:
             a = r[name]
             label = f"{name} ({a['quantization']})" if a.get("quantization") else name
-            lines.append(f"| {label} | {gib(a['peak_memory_bytes'])} | {a['tokens_per_second']:.0f} | "
-                         f"{a['trainable_parameters']:,} of {a['total_parameters']:,} |")
+            lines.append(
+                f"| {label} | {gib(a['peak_memory_bytes'])} | {a['tokens_per_second']:.0f} | "
+                f"{a['trainable_parameters']:,} of {a['total_parameters']:,} |"
+            )
     if "lora_peak_vs_full" in r:
         lines += ["", f"LoRA's peak is {100 * r['lora_peak_vs_full']:.0f}% of full fine-tuning's."]
     small = RESULTS_DIR / "memory_smollm2.json"
@@ -281,13 +308,15 @@ def memory_section(r: dict[str, Any]) -> str:
 def launcher_exits_section(r: dict[str, Any]) -> str:
     codes = ", ".join(str(run["exit_code"]) for run in r["runs"])
     aborted = sum(1 for run in r["runs"] if run["aborted"])
-    return "\n".join([
-        f"**{r['zero_exits_with_model']} of {r['total']}** launches of `deepspeed --num_gpus {r['ranks']}` "
-        f"(ZeRO-3, CPU ranks, tiny GPT-NeoX, 3 steps with an evaluation and a checkpoint) exited 0 with a finished "
-        f"model; ranks that aborted: {aborted}. Launcher exit codes in order: {codes}.",
-        "",
-        provenance(r),
-    ])
+    return "\n".join(
+        [
+            f"**{r['zero_exits_with_model']} of {r['total']}** launches of `deepspeed --num_gpus {r['ranks']}` "
+            f"(ZeRO-3, CPU ranks, tiny GPT-NeoX, 3 steps with an evaluation and a checkpoint) exited 0 with a finished "
+            f"model; ranks that aborted: {aborted}. Launcher exit codes in order: {codes}.",
+            "",
+            provenance(r),
+        ]
+    )
 
 
 SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
@@ -306,7 +335,7 @@ def render(readme: str, results_dir: Path = RESULTS_DIR) -> str:
         path = results_dir / f"{name}.json"
         body = render_section(json.loads(path.read_text())) if path.exists() else ""
         pattern = re.compile(rf"(<!-- bench:{name} -->\n).*?(<!-- /bench:{name} -->)", re.DOTALL)
-        readme = pattern.sub(lambda m: m.group(1) + (body + "\n" if body else "") + m.group(2), readme)
+        readme = pattern.sub(lambda m, body=body: m.group(1) + (body + "\n" if body else "") + m.group(2), readme)
     return readme
 
 

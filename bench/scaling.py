@@ -34,6 +34,7 @@ from bench.common import (
     write_json,
 )
 from bench.throughput import resolve_model
+from training.logs import configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -52,15 +53,39 @@ def sweep_points(options: argparse.Namespace) -> list[tuple[int, int]]:
 def measure_point(records: int, max_length: int, options: argparse.Namespace) -> dict[str, Any]:
     """One epoch of our arm on ``records`` records at ``max_length``, in its own process."""
     args = [
-        "--model", options.model, "--training-dataset", options.training_dataset, "--train-records", str(records),
-        "--eval-records", "0", "--max-length", str(max_length), "--batch-size", str(options.batch_size),
-        "--lr", str(options.lr), "--seed", str(options.seed), "--run-arm", "ours",
+        "--model",
+        options.model,
+        "--training-dataset",
+        options.training_dataset,
+        "--train-records",
+        str(records),
+        "--eval-records",
+        "0",
+        "--max-length",
+        str(max_length),
+        "--batch-size",
+        str(options.batch_size),
+        "--lr",
+        str(options.lr),
+        "--seed",
+        str(options.seed),
+        "--run-arm",
+        "ours",
     ]
     if options.bf16:
         args.append("--bf16")
     arm = run_in_own_process("bench.throughput", args)
-    keys = ("train_records", "record_tokens", "useful_tokens", "optimizer_steps", "seconds", "useful_tokens_per_second",
-            "peak_memory_bytes", "peak_memory_kind", "largest_batch_positions")
+    keys = (
+        "train_records",
+        "record_tokens",
+        "useful_tokens",
+        "optimizer_steps",
+        "seconds",
+        "useful_tokens_per_second",
+        "peak_memory_bytes",
+        "peak_memory_kind",
+        "largest_batch_positions",
+    )
     return {"records": records, "max_length": max_length, **{key: arm[key] for key in keys}}
 
 
@@ -69,20 +94,33 @@ def draw_chart(payload: dict[str, Any], path: Path) -> None:
     fig, (speed, memory, by_step) = pyplot().subplots(1, 3, figsize=(12, 3.8))
     gib = 2**30
     records = payload["records_sweep"]
-    speed.plot([p["records"] for p in records], [p["useful_tokens_per_second"] for p in records], marker="o",
-               color="#dd8452")
-    speed.set(xlabel=f"records (max length {payload['length_for_records']})", ylabel="useful tokens / second",
-              xticks=[p["records"] for p in records])
+    speed.plot(
+        [p["records"] for p in records], [p["useful_tokens_per_second"] for p in records], marker="o", color="#dd8452"
+    )
+    speed.set(
+        xlabel=f"records (max length {payload['length_for_records']})",
+        ylabel="useful tokens / second",
+        xticks=[p["records"] for p in records],
+    )
     lengths = payload["length_sweep"]
-    memory.plot([p["max_length"] for p in lengths], [p["peak_memory_bytes"] / gib for p in lengths], marker="o",
-                color="#4c72b0")
-    memory.set(xlabel=f"max length ({payload['records_for_lengths']} records)", ylabel="peak memory (GiB)",
-               xticks=[p["max_length"] for p in lengths])
+    memory.plot(
+        [p["max_length"] for p in lengths], [p["peak_memory_bytes"] / gib for p in lengths], marker="o", color="#4c72b0"
+    )
+    memory.set(
+        xlabel=f"max length ({payload['records_for_lengths']} records)",
+        ylabel="peak memory (GiB)",
+        xticks=[p["max_length"] for p in lengths],
+    )
     points = {(p["records"], p["max_length"]): p for p in records + lengths}
     for (n, length), p in points.items():
         by_step.scatter(p["largest_batch_positions"], p["peak_memory_bytes"] / gib, color="#55a868")
-        by_step.annotate(f"{n} rec, {length}", (p["largest_batch_positions"], p["peak_memory_bytes"] / gib),
-                         textcoords="offset points", xytext=(4, -10), fontsize=7)
+        by_step.annotate(
+            f"{n} rec, {length}",
+            (p["largest_batch_positions"], p["peak_memory_bytes"] / gib),
+            textcoords="offset points",
+            xytext=(4, -10),
+            fontsize=7,
+        )
     by_step.set(xlabel="largest step (token positions), every point", ylabel="peak memory (GiB)")
     for axis in (speed, memory, by_step):
         axis.set_ylim(bottom=0)
@@ -107,7 +145,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+    configure_logging()
     options = parse_args(argv)
     if options.replot:
         payload = json.loads(options.out.read_text())

@@ -10,6 +10,9 @@ Results go to bench/results/throughput.json and a bar chart next to it.
 - original: pad each random batch to its longest record (multiple of 8), Dolly's collator and sampler.
 - trl: trl.SFTTrainer with packing (best-fit decreasing, padding-free) and completion-only loss.
 - ours: this project's padding-free packing, one row per batch, loss per response token over the step.
+- ours_compiled (only when asked for, ``--arms ours,ours_compiled``): ours with the Trainer's ``torch_compile``
+  (inductor, shapes marked dynamic after the first recompile). Its time includes compiling; each arm also records
+  its optimizer steps' wall-clock times, so the steady state can be compared too.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from bench.common import (
     RESULTS_DIR,
@@ -38,14 +44,16 @@ from bench.common import (
     tokenize_records,
     write_json,
 )
-from training.collators import DataCollatorForCompletionOnlyLM
-from training.embedded import cache_root, embedded_model_dir
-from training.modeling import get_model_tokenizer
-from training.packing import packing_collator
+from training.driver.embedded import EmbeddedModelMissing, cache_root, embedded_model_dir
+from training.logs import configure_logging
+from training.rank.collators import DataCollatorForCompletionOnlyLM
+from training.rank.modeling import get_model_tokenizer
+from training.rank.packing import packing_collator
 
 logger = logging.getLogger(__name__)
 
 ARMS = ("original", "trl", "ours")
+OPTIONAL_ARMS = ("ours_compiled",)
 # Dense bf16 peak FLOP/s, for model FLOPs utilisation on GPUs.
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10": 125e12, "L4": 121e12}
 
@@ -72,30 +80,55 @@ class CountingCollator:
 
 
 def resolve_model(name: str) -> str:
-    """``embedded`` (SmolLM2-135M), ``pythia-<size>`` (random weights, SmolLM2's tokenizer), or a path or hub name."""
+    """``embedded`` (SmolLM2-135M), ``pythia-<size>`` (random weights, SmolLM2's tokenizer where the embedded package
+    is installed), or a path or hub name."""
     if name == "embedded":
         return str(embedded_model_dir())
     if name.startswith("pythia-"):
         from transformers import AutoTokenizer
 
-        from training.synthetic import build_pythia_model
+        from bench.synthetic import build_pythia_model, record_texts, train_bpe_tokenizer
 
         target = cache_root() / f"random-{name}"
         if not (target / "config.json").exists():
-            tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
+            except EmbeddedModelMissing:  # a bare GPU machine: a tokenizer trained on the records here
+                tokenizer = train_bpe_tokenizer(record_texts(default_dataset()), vocab_size=8192)
             build_pythia_model(target, shape=name.removeprefix("pythia-"), tokenizer=tokenizer)
         return str(target)
     return name
+
+
+class StepClock(TrainerCallback):
+    """The wall-clock time at the end of every optimizer step."""
+
+    def __init__(self):
+        self.ends: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(time.perf_counter())
 
 
 def training_arguments(output_dir: str, options: argparse.Namespace, batch_size: int) -> dict[str, Any]:
     """The Trainer settings every arm shares (TRL's SFTConfig takes them too)."""
     use_bf16 = options.bf16 and torch.cuda.is_available()
     return dict(
-        output_dir=output_dir, per_device_train_batch_size=batch_size, num_train_epochs=1, learning_rate=options.lr,
-        lr_scheduler_type="constant", warmup_steps=0, report_to=[], save_strategy="no", logging_steps=5,
-        seed=options.seed, data_seed=options.seed, bf16=use_bf16, remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available(), activation_checkpointing=False,
+        output_dir=output_dir,
+        per_device_train_batch_size=batch_size,
+        num_train_epochs=1,
+        learning_rate=options.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=5,
+        seed=options.seed,
+        data_seed=options.seed,
+        bf16=use_bf16,
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+        activation_checkpointing=False,
     )
 
 
@@ -107,7 +140,9 @@ def run_arm(arm: str, options: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = get_model_tokenizer(model_dir, dtype=dtype, attn_implementation=options.attn_implementation)
     if torch.cuda.is_available():
         model.cuda()
-    train_records, eval_records = split_records(options.training_dataset, options.eval_records, options.train_records, options.seed)
+    train_records, eval_records = split_records(
+        options.training_dataset, options.eval_records, options.train_records, options.seed
+    )
     train_tok = tokenize_records(train_records, tokenizer, options.max_length)
     eval_tok = tokenize_records(eval_records, tokenizer, options.max_length)
     record_tokens = sum(len(r["input_ids"]) for r in train_tok)
@@ -123,10 +158,12 @@ def run_arm(arm: str, options: argparse.Namespace) -> dict[str, Any]:
             from datasets import Dataset
             from trl import SFTConfig, SFTTrainer
 
-            dataset = Dataset.from_list([
-                {"input_ids": r["input_ids"], "completion_mask": [int(label != -100) for label in r["labels"]]}
-                for r in train_tok
-            ])
+            dataset = Dataset.from_list(
+                [
+                    {"input_ids": r["input_ids"], "completion_mask": [int(label != -100) for label in r["labels"]]}
+                    for r in train_tok
+                ]
+            )
             kwargs = training_arguments(scratch, options, batch_size=1)
             # Rows as long as the tokens one of our batches holds on average, so both take similar optimizer steps.
             config = SFTConfig(**kwargs, packing=True, completion_only_loss=True, max_length=-(-record_tokens // steps))
@@ -135,14 +172,23 @@ def run_arm(arm: str, options: argparse.Namespace) -> dict[str, Any]:
             from transformers import Trainer, TrainingArguments
 
             kwargs = training_arguments(scratch, options, batch_size=options.batch_size)
+            kwargs["torch_compile"] = arm == "ours_compiled"
             if arm == "original":
                 inner = DataCollatorForCompletionOnlyLM(tokenizer=tokenizer, pad_to_multiple_of=8)
             else:
                 inner = packing_collator(model, tokenizer)  # exactly what the trainer uses
-            trainer = Trainer(model=model, args=TrainingArguments(**kwargs), train_dataset=as_dataset(train_tok),
-                              data_collator=inner, processing_class=tokenizer)
+            trainer = Trainer(
+                model=model,
+                args=TrainingArguments(**kwargs),
+                train_dataset=as_dataset(train_tok),
+                data_collator=inner,
+                processing_class=tokenizer,
+            )
         counter = CountingCollator(trainer.data_collator)
         trainer.data_collator = counter
+        clock = StepClock()
+        trainer.add_callback(clock)
+        started = time.perf_counter()
         seconds = timed_training(trainer)
     peak = peak_memory_bytes()
     tokens_per_second = counter.useful / seconds
@@ -156,6 +202,7 @@ def run_arm(arm: str, options: argparse.Namespace) -> dict[str, Any]:
         "padding_fraction": 1 - counter.useful / counter.positions,
         "optimizer_steps": trainer.state.global_step,
         "seconds": seconds,
+        "step_seconds": [end - start for start, end in zip([started, *clock.ends], clock.ends)],
         "useful_tokens_per_second": tokens_per_second,
         "peak_memory_bytes": peak,
         "peak_memory_kind": "torch.cuda.max_memory_allocated" if torch.cuda.is_available() else "process max RSS",
@@ -169,6 +216,22 @@ def run_arm(arm: str, options: argparse.Namespace) -> dict[str, Any]:
         flops_per_token = 6 * model.num_parameters()
         result["mfu"] = flops_per_token * tokens_per_second / peak_flops if peak_flops else None
     return result
+
+
+def compile_comparison(eager: dict[str, Any], compiled: dict[str, Any], warmup_steps: int = 3) -> dict[str, Any]:
+    """Compiled over eager: the whole training (compiling included) and the median step after ``warmup_steps``."""
+
+    def steady(result: dict[str, Any]) -> float:
+        return statistics.median(result["step_seconds"][warmup_steps:])
+
+    return {
+        "whole_training_speedup": compiled["useful_tokens_per_second"] / eager["useful_tokens_per_second"],
+        "steady_step_speedup": steady(eager) / steady(compiled),
+        "steady_step_seconds": {"ours": steady(eager), "ours_compiled": steady(compiled)},
+        "first_step_seconds": {"ours": eager["step_seconds"][0], "ours_compiled": compiled["step_seconds"][0]},
+        "warmup_steps_left_out": warmup_steps,
+        "eval_loss_difference": compiled["eval_loss"] - eager["eval_loss"],
+    }
 
 
 def draw_chart(results: dict[str, dict], path: Path, title: str) -> None:
@@ -193,15 +256,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--bf16", action="store_true", help="bf16 on a GPU (ignored on CPU)")
     parser.add_argument("--attn-implementation", default="sdpa")
-    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"of {', '.join(ARMS + OPTIONAL_ARMS)}")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "throughput.json")
-    parser.add_argument("--run-arm", choices=ARMS, help=argparse.SUPPRESS)
+    parser.add_argument("--run-arm", choices=ARMS + OPTIONAL_ARMS, help=argparse.SUPPRESS)
     parser.add_argument("--arm-result", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+    configure_logging()
     options = parse_args(argv)
     if options.run_arm:
         write_json(options.arm_result, run_arm(options.run_arm, options))
@@ -221,6 +284,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             payload[f"ratio_vs_{baseline}"] = ours / results[baseline]["useful_tokens_per_second"]
     if "ours" in results and "original" in results and results["original"]["eval_loss"]:
         payload["eval_loss_ours_vs_original"] = results["ours"]["eval_loss"] / results["original"]["eval_loss"] - 1
+    if "ours" in results and "ours_compiled" in results:
+        payload["compile"] = compile_comparison(results["ours"], results["ours_compiled"])
     payload["eval_loss"] = {arm: r["eval_loss"] for arm, r in results.items()}
     write_json(options.out, payload)
     draw_chart(results, options.out.with_suffix(".png"), f"{options.model}, {payload['machine']}")

@@ -20,7 +20,8 @@ from langchain_core.prompts import PromptTemplate  # noqa: E402
 from langchain_huggingface import HuggingFacePipeline  # noqa: E402
 
 from training.generate import load_model_tokenizer_for_generate  # noqa: E402
-from training.instruct_pipeline import InstructionTextGenerationPipeline  # noqa: E402
+from training.logs import configure_logging  # noqa: E402
+from training.saved_model.instruct_pipeline import InstructionTextGenerationPipeline  # noqa: E402
 
 CONTEXT = (
     "George Washington (February 22, 1732 - December 14, 1799) was an American military officer, statesman, and "
@@ -33,18 +34,23 @@ def instruction_llm(model_dir: str, max_new_tokens: int = 64):
     before the answer and ``skip_prompt`` has LangChain take it off again, as Dolly's example did."""
     model, tokenizer = load_model_tokenizer_for_generate(model_dir)
     pipeline = InstructionTextGenerationPipeline(
-        model=model, tokenizer=tokenizer, task="text-generation", return_full_text=True, do_sample=False,
+        model=model,
+        tokenizer=tokenizer,
+        task="text-generation",
+        return_full_text=True,
+        do_sample=False,
         max_new_tokens=max_new_tokens,
     )
     return HuggingFacePipeline(pipeline=pipeline).bind(skip_prompt=True)
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING)
+    configure_logging()
+    logging.getLogger().setLevel(logging.WARNING)  # the answers are the output
     if len(sys.argv) > 1:
         model_dir = sys.argv[1]
     else:
-        from training.embedded import embedded_model_dir
+        from training.driver.embedded import embedded_model_dir
 
         model_dir = str(embedded_model_dir())
     llm = instruction_llm(model_dir)

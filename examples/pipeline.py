@@ -8,7 +8,6 @@ Every model this project saves carries its pipeline code, so ``trust_remote_code
 
 from __future__ import annotations
 
-import logging
 import sys
 import tempfile
 from pathlib import Path
@@ -18,9 +17,11 @@ from transformers import pipeline
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generation import quick_fine_tune  # noqa: E402
 
+from training.logs import configure_logging  # noqa: E402
+
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+    configure_logging()
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = sys.argv[1] if len(sys.argv) > 1 else quick_fine_tune(str(Path(scratch) / "model"))
         generate_text = pipeline(model=model_dir, trust_remote_code=True, device_map="auto")

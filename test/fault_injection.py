@@ -1,22 +1,35 @@
 """The trainer CLI with a fault injected at a chosen step, for tests: ``--module fault_injection`` under a launcher.
 
-``DOLLY_FAULT`` picks the fault (a real SIGKILL, sent by each rank to itself at a deterministic point):
+``DOLLY_FAULT`` picks the fault, each at a deterministic point (``N``: a step number):
 
-- ``kill-after-checkpoint:N``: every rank is killed as step N+1 begins, after checkpoint-N was marked complete.
+- ``kill-after-checkpoint:N``: every rank sends itself SIGKILL as step N+1 begins, after checkpoint-N was marked
+  complete.
 - ``kill-while-saving:N``: while checkpoint-N is being written, the last rank is killed before it writes its RNG
   state; rank 0 goes on to write its trainer state (so the folder looks whole) and waits at the completion barrier
   until the launcher ends it.
+- ``signal-launcher-at:N``: as step N+1 begins, rank 0 sends SIGTERM to the outermost launcher that started the
+  ranks (DeepSpeed's ``deepspeed`` runner, or torchrun); every rank then pauses for :data:`PAUSE_S` (a long step), so
+  the stop arrives while step N+1 runs.
+- ``pause-for-stop-file-at:N``: as step N+1 begins, every rank writes ``OUTPUT/.paused-rankR`` and waits until the
+  output folder's stop file appears (the notebook's stop), then the step goes on.
+- ``hang-at:N``: as step N+1 begins, every rank sends itself SIGTERM, then sleeps far beyond any grace period (a
+  step that never ends), so only the grace period can stop it.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
+import time
+from pathlib import Path
 
 from transformers import TrainerCallback
 
-import training.trainer as trainer_module
+import training.rank.dolly_trainer as dolly_trainer
+from training.rank.stopping import STOP_FILE_NAME, launcher_ancestors
+from training.trainer import run_cli
+
+PAUSE_S = 3.0  # beyond the launcher watch's 1-second poll
 
 
 def _fault() -> tuple[str, int]:
@@ -28,21 +41,50 @@ def _kill_self() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-class KillAfterCheckpoint(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
+class AtStepBegin(TrainerCallback):
+    """Runs ``action(args)`` once, as step ``step`` + 1 begins."""
+
+    def __init__(self, step: int, action):
+        self.step, self.action, self.done = step, action, False
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            _kill_self()
+        if state.global_step == self.step and not self.done:
+            self.done = True
+            self.action(args)
 
 
-class FaultyTrainer(trainer_module.DollyTrainer):
+def signal_launcher(args) -> None:
+    if args.process_index == 0:
+        os.kill(launcher_ancestors()[-1].pid, signal.SIGTERM)
+    time.sleep(PAUSE_S)
+
+
+def pause_for_stop_file(args) -> None:
+    output = Path(args.output_dir)
+    (output / f".paused-rank{args.process_index}").write_text("")
+    while not (output / STOP_FILE_NAME).exists():
+        time.sleep(0.1)
+
+
+def hang(args) -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(3600)
+
+
+ACTIONS = {
+    "kill-after-checkpoint": lambda args: _kill_self(),
+    "signal-launcher-at": signal_launcher,
+    "pause-for-stop-file-at": pause_for_stop_file,
+    "hang-at": hang,
+}
+
+
+class FaultyTrainer(dolly_trainer.DollyTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         kind, step = _fault()
-        if kind == "kill-after-checkpoint":
-            self.add_callback(KillAfterCheckpoint(step))
+        if kind in ACTIONS:
+            self.add_callback(AtStepBegin(step, ACTIONS[kind]))
 
     def _save_rng_state(self, output_dir: str) -> None:
         kind, step = _fault()
@@ -53,6 +95,5 @@ class FaultyTrainer(trainer_module.DollyTrainer):
 
 
 if __name__ == "__main__":
-    logging.basicConfig(format="%(asctime)s %(levelname)s [%(name)s] %(message)s", level=logging.INFO)
-    trainer_module.DollyTrainer = FaultyTrainer
-    trainer_module.main()
+    dolly_trainer.DollyTrainer = FaultyTrainer  # what run_training builds
+    run_cli()

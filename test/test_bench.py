@@ -1,30 +1,62 @@
 """The benchmark scripts run end to end on a tiny model, so they cannot rot (no figures are asserted here)."""
 
 import json
+import os
 
 import pytest
 
+from bench import common as common_module
 from bench import memory, quality, report, throughput
-
-pytestmark = pytest.mark.slow
 
 
 def test_quality_quick(tiny_model_dir, sample_path, tmp_path):
     out = tmp_path / "quality.json"
-    quality.main(["--quick", "--input-model", str(tiny_model_dir), "--training-dataset", str(sample_path), "--out", str(out)])
+    quality.main(
+        ["--quick", "--input-model", str(tiny_model_dir), "--training-dataset", str(sample_path), "--out", str(out)]
+    )
     result = json.loads(out.read_text())
-    for key in ("model", "train_records", "eval_records", "steps", "eval_loss_before", "eval_loss_after",
-                "stop_rate_before", "stop_rate_after", "per_category", "seconds"):
+    for key in (
+        "model",
+        "train_records",
+        "eval_records",
+        "steps",
+        "eval_loss_before",
+        "eval_loss_after",
+        "stop_rate_before",
+        "stop_rate_after",
+        "per_category",
+        "seconds",
+    ):
         assert key in result, key
     assert result["quick"] is True and result["steps"] == 3
     assert 0 <= result["stop_rate_after"] <= 1
     assert (tmp_path / "quality_loss.png").stat().st_size > 0
 
 
-def test_throughput_and_memory_small(tiny_model_dir, sample_path, tmp_path):
-    common = ["--model", str(tiny_model_dir), "--training-dataset", str(sample_path), "--train-records", "12",
-              "--batch-size", "4"]
-    speed = throughput.main(common + ["--eval-records", "4", "--out", str(tmp_path / "throughput.json")])
+def arms_in_this_process(module: str, args: list[str]) -> dict:
+    """bench.common.run_in_own_process, without the new interpreter (for the tests' speed; the hop itself is tested
+    below, with an arm that measures nothing)."""
+    import importlib
+
+    bench = importlib.import_module(module)
+    return bench.run_arm(args[args.index("--run-arm") + 1], bench.parse_args(args))
+
+
+def test_throughput_and_memory_small(tiny_model_dir, sample_path, tmp_path, monkeypatch):
+    common = [
+        "--model",
+        str(tiny_model_dir),
+        "--training-dataset",
+        str(sample_path),
+        "--train-records",
+        "12",
+        "--batch-size",
+        "4",
+    ]
+    with monkeypatch.context() as patch:
+        patch.setattr(common_module, "run_in_own_process", arms_in_this_process)
+        speed = throughput.main(common + ["--eval-records", "4", "--out", str(tmp_path / "throughput.json")])
+        mem = memory.main(common + ["--arms", "full,lora", "--out", str(tmp_path / "memory.json")])
     assert set(speed["arms"]) == {"original", "trl", "ours"}
     assert speed["arms"]["ours"]["padding_fraction"] == 0
     assert speed["arms"]["original"]["padding_fraction"] > 0
@@ -32,7 +64,6 @@ def test_throughput_and_memory_small(tiny_model_dir, sample_path, tmp_path):
     assert {"ratio_vs_original", "ratio_vs_trl", "eval_loss"} <= set(speed)
     assert (tmp_path / "throughput.png").exists()
 
-    mem = memory.main(common + ["--arms", "full,lora", "--out", str(tmp_path / "memory.json")])
     for arm in ("full", "lora"):
         assert mem[arm]["peak_memory_bytes"] > 0 and mem[arm]["tokens_per_second"] > 0
     assert mem["lora"]["trainable_parameters"] < mem["full"]["trainable_parameters"]
@@ -43,6 +74,15 @@ def test_throughput_and_memory_small(tiny_model_dir, sample_path, tmp_path):
     assert "<!-- bench:quality -->\n<!-- /bench:quality -->" in rendered  # no result file, no figures
 
 
+def test_an_arm_runs_in_its_own_process_and_returns_its_result(monkeypatch):
+    from helpers import TEST_DIR
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TEST_DIR), os.environ.get("PYTHONPATH", "")]))
+    result = common_module.run_in_own_process("arm_stub", ["--run-arm", "ours", "--batch-size", "4"])
+    assert result["args"] == ["--run-arm", "ours", "--batch-size", "4"] and result["pid"] != os.getpid()
+
+
+@pytest.mark.launch
 def test_launcher_exits_one_run(tiny_model_dir, tmp_path):
     from bench import launcher_exits
 
@@ -54,33 +94,72 @@ def test_launcher_exits_one_run(tiny_model_dir, tmp_path):
     assert "launches of `deepspeed --num_gpus 2`" in rendered
 
 
+@pytest.mark.launch
 def test_throughput_under_the_deepspeed_launcher_small(tiny_model_dir, sample_path, tmp_path):
     from bench import throughput_deepspeed
 
     out = tmp_path / "throughput_deepspeed.json"
-    result = throughput_deepspeed.main(["--model", str(tiny_model_dir), "--training-dataset", str(sample_path),
-                                        "--train-records", "12", "--eval-records", "4", "--batch-size", "4",
-                                        "--out", str(out)])
+    result = throughput_deepspeed.main(
+        [
+            "--model",
+            str(tiny_model_dir),
+            "--training-dataset",
+            str(sample_path),
+            "--train-records",
+            "12",
+            "--eval-records",
+            "4",
+            "--batch-size",
+            "4",
+            "--runs",
+            "original:unbalanced,ours:balanced",
+            "--out",
+            str(out),
+        ]
+    )
     arms = result["arms"]
-    assert set(arms) == {"original", "ours"} and arms["ours"]["optimizer_steps"] == arms["original"]["optimizer_steps"] == 3
-    # The same records: the same useful tokens counted by the Trainer, padded or packed.
-    assert arms["ours"]["useful_tokens"] == arms["original"]["useful_tokens"] > 0
-    assert result["ratio_vs_original"] > 0 and json.loads(out.read_text())["ranks"] == 2
-    rendered = report.render("<!-- bench:throughput_deepspeed -->\n<!-- /bench:throughput_deepspeed -->\n",
-                             results_dir=tmp_path)
-    assert "ours / original under the launcher" in rendered
+    original, ours = arms["original, unbalanced"], arms["ours, balanced"]
+    assert list(arms) == ["original, unbalanced", "ours, balanced"]
+    assert ours["optimizer_steps"] == original["optimizer_steps"] == 3
+    assert "--no-balance-ranks" in original["flags"] and "--no-balance-ranks" not in ours["flags"]
+    # The same records: the same useful tokens counted by the Trainer, padded or packed, balanced or not.
+    assert ours["useful_tokens"] == original["useful_tokens"] > 0
+    assert set(result["ratios"]) == {"ours / Dolly's recipe"} and result["ratio_vs_original"] > 0
+    assert json.loads(out.read_text())["ranks"] == 2
+    rendered = report.render(
+        "<!-- bench:throughput_deepspeed -->\n<!-- /bench:throughput_deepspeed -->\n", results_dir=tmp_path
+    )
+    assert "ours / Dolly's recipe under the launcher" in rendered
 
 
 def test_scaling_sweeps_records_and_lengths(tiny_model_dir, sample_path, tmp_path, monkeypatch):
     from bench import scaling
 
-    # Each point in this process (bench.common.run_in_own_process is exercised by the throughput test above).
-    monkeypatch.setattr(scaling, "run_in_own_process",
-                        lambda module, args: throughput.run_arm("ours", throughput.parse_args(args)))
+    # Each point in this process (bench.common.run_in_own_process is tested above).
+    monkeypatch.setattr(
+        scaling, "run_in_own_process", lambda module, args: throughput.run_arm("ours", throughput.parse_args(args))
+    )
     out = tmp_path / "scaling.json"
-    result = scaling.main(["--model", str(tiny_model_dir), "--training-dataset", str(sample_path), "--batch-size", "4",
-                           "--records", "8,16", "--length-for-records", "512", "--max-lengths", "128,512",
-                           "--records-for-lengths", "16", "--out", str(out)])
+    result = scaling.main(
+        [
+            "--model",
+            str(tiny_model_dir),
+            "--training-dataset",
+            str(sample_path),
+            "--batch-size",
+            "4",
+            "--records",
+            "8,16",
+            "--length-for-records",
+            "512",
+            "--max-lengths",
+            "128,512",
+            "--records-for-lengths",
+            "16",
+            "--out",
+            str(out),
+        ]
+    )
     by_records = result["records_sweep"]
     assert [p["records"] for p in by_records] == [8, 16] and by_records[0]["train_records"] == 8
     assert by_records[1]["train_records"] == 16 and by_records[1]["useful_tokens"] > by_records[0]["useful_tokens"]
@@ -95,3 +174,39 @@ def test_scaling_sweeps_records_and_lengths(tiny_model_dir, sample_path, tmp_pat
     assert json.loads(out.read_text())["records_sweep"] == by_records and out.with_suffix(".png").stat().st_size > 0
     rendered = report.render("<!-- bench:scaling -->\n<!-- /bench:scaling -->\n", results_dir=tmp_path)
     assert "| 16 | 128 |" in rendered and "largest step" in rendered
+
+
+def test_the_gpu_check_runs_dry_on_cpu(tmp_path, monkeypatch):
+    """bench.gpu_check's steps but the CUDA ones: the trainer CLI under deepspeed --num_gpus 1 (ZeRO-3), the answer
+    through pipeline(trust_remote_code=True), and every throughput arm."""
+    from bench import gpu_check
+
+    monkeypatch.setattr(common_module, "run_in_own_process", arms_in_this_process)
+    out = tmp_path / "gpu_check.json"
+    result = gpu_check.main(["run", "--dry-run", "--out", str(out)])
+    trainer = result["trainer_run"]
+    assert trainer["world_size"] == 1 and trainer["zero_stage"] == 3 and trainer["precision"] == "fp32"
+    assert trainer["pipeline"] == "InstructionTextGenerationPipeline" and isinstance(trainer["answer"], str)
+    assert trainer["packing_self_check"].startswith("Packing self-check passed")
+    assert set(result["throughput"]) == {"original", "trl", "ours"} and result["gpu"] is None
+    assert all(arm["mfu"] is None for arm in result["throughput"].values())  # MFU only against a GPU's peak
+    assert json.loads(out.read_text())["dry_run"] is True
+
+
+def test_the_gpu_checks_wheels_are_packed_in_parts_a_command_can_carry(tmp_path):
+    from bench.gpu_check import repack
+
+    wheels = []
+    for name, size in (("big", 5000), ("mid", 3000), ("small", 1500), ("tiny", 200)):
+        wheel = tmp_path / f"{name}-1.0-py3-none-any.whl"
+        wheel.write_bytes(os.urandom(size))  # incompressible, as zipped wheels are
+        wheels.append(wheel)
+    parts = repack(wheels, tmp_path, limit=6000)
+    assert len(parts) == 2 and all(part.stat().st_size <= 6000 + 2048 for part in parts)  # xz adds a small header
+    import tarfile
+
+    names = []
+    for part in parts:
+        with tarfile.open(part) as archive:
+            names += archive.getnames()
+    assert sorted(names) == sorted(wheel.name for wheel in wheels)

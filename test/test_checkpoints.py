@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from training.checkpoints import COMPLETE_MARKER, list_checkpoints, rotate_checkpoints
-from training.saving import OutputExistsError, is_finished_output, prepare_output_dir, publish_dir
+from training.rank.checkpoints import COMPLETE_MARKER, list_checkpoints, rotate_checkpoints
+from training.rank.saving import OutputExistsError, is_finished_output, prepare_output_dir, publish_dir
 
 
 def make_checkpoint(folder, step, complete=True):
@@ -31,7 +31,9 @@ def test_resume_takes_the_numerically_newest_complete_checkpoint_and_clears_inco
 def test_other_ranks_only_read_the_folder(tmp_path):
     make_checkpoint(tmp_path, 4, complete=False)
     make_checkpoint(tmp_path, 2)
-    assert prepare_output_dir(tmp_path, resume=True, overwrite=False, is_main_process=False) == tmp_path / "checkpoint-2"
+    assert (
+        prepare_output_dir(tmp_path, resume=True, overwrite=False, is_main_process=False) == tmp_path / "checkpoint-2"
+    )
     assert (tmp_path / "checkpoint-4").exists()
 
 

@@ -10,10 +10,20 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 CONFIGS = sorted(CONFIG_DIR.glob("*_config.json"))
 # What the HF Trainer puts in place of "auto" (values of the right type; the Trainer computes the real ones).
 AUTO_VALUES = {
-    "lr": 1e-5, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0, "warmup_min_lr": 0, "warmup_max_lr": 1e-5,
-    "warmup_num_steps": 0, "reduce_bucket_size": 1_000_000, "stage3_prefetch_bucket_size": 900_000,
-    "stage3_param_persistence_threshold": 10_000, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-    "train_micro_batch_size_per_gpu": 4, "enabled": True,
+    "lr": 1e-5,
+    "betas": [0.9, 0.999],
+    "eps": 1e-8,
+    "weight_decay": 0.0,
+    "warmup_min_lr": 0,
+    "warmup_max_lr": 1e-5,
+    "warmup_num_steps": 0,
+    "reduce_bucket_size": 1_000_000,
+    "stage3_prefetch_bucket_size": 900_000,
+    "stage3_param_persistence_threshold": 10_000,
+    "gradient_accumulation_steps": 1,
+    "gradient_clipping": 1.0,
+    "train_micro_batch_size_per_gpu": 4,
+    "enabled": True,
 }
 
 
@@ -40,7 +50,9 @@ def test_config_parses_with_deepspeed(path):
 
 
 def test_precision_per_family():
-    a100, a10, v100, cpu = (json.loads((CONFIG_DIR / f"{n}_config.json").read_text()) for n in ("a100", "a10", "v100", "cpu"))
+    a100, a10, v100, cpu = (
+        json.loads((CONFIG_DIR / f"{n}_config.json").read_text()) for n in ("a100", "a10", "v100", "cpu")
+    )
     assert a100["bf16"]["enabled"] == "auto" and "fp16" not in a100
     assert v100["fp16"]["enabled"] is True and "bf16" not in v100
     assert not cpu["fp16"]["enabled"] and not cpu["bf16"]["enabled"]
@@ -50,7 +62,7 @@ def test_precision_per_family():
 
 
 def test_lora_runs_use_the_same_config_at_zero_stage_2():
-    from training.deepspeed_config import deepspeed_config_for
+    from training.rank.deepspeed_config import deepspeed_config_for
 
     a10 = str(CONFIG_DIR / "a10_config.json")
     assert deepspeed_config_for(a10, lora=False) == a10

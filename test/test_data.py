@@ -68,17 +68,23 @@ def test_missing_local_file_is_a_clear_error(tmp_path):
 
 
 def test_unsupported_file_type(tmp_path):
-    (tmp_path / "r.csv").write_text("a,b\n")
-    with pytest.raises(ValueError, match="unsupported file type '.csv'"):
-        read_records(str(tmp_path / "r.csv"))
+    (tmp_path / "r.tsv").write_text("a\tb\n")
+    with pytest.raises(ValueError, match=r"unsupported file type '.tsv' \(use .jsonl, .json, .csv or .parquet\)"):
+        read_records(str(tmp_path / "r.tsv"))
 
 
 def test_sample_data_covers_every_category_with_and_without_context(sample_path):
     records = read_records(str(sample_path))
     categories = {r["category"] for r in records}
     assert categories == {
-        "open_qa", "general_qa", "classification", "closed_qa", "brainstorming",
-        "information_extraction", "summarization", "creative_writing",
+        "open_qa",
+        "general_qa",
+        "classification",
+        "closed_qa",
+        "brainstorming",
+        "information_extraction",
+        "summarization",
+        "creative_writing",
     }
     assert any(r["context"] for r in records) and any(not r["context"] for r in records)
 

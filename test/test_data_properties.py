@@ -36,8 +36,9 @@ records = st.fixed_dictionaries(
     optional={"extra_field": values},
 ).map(lambda r: {k: v for k, v in r.items() if v is not MISSING})
 # Mostly good records, so that files that load are generated too.
-good_records = st.fixed_dictionaries({"instruction": good_text, "response": good_text},
-                                     optional={"context": good_text, "category": good_text})
+good_records = st.fixed_dictionaries(
+    {"instruction": good_text, "response": good_text}, optional={"context": good_text, "category": good_text}
+)
 any_records = st.lists(st.one_of(good_records, good_records, records), min_size=0, max_size=6)
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -96,8 +97,11 @@ def test_jsonl_files_load_or_name_the_line_and_field(items, bom, blank_lines):
 
 
 @SETTINGS
-@given(items=st.lists(good_records, min_size=1, max_size=5), broken_at=st.integers(0, 4),
-       damage=st.sampled_from(["truncate", "latin1", "array"]))
+@given(
+    items=st.lists(good_records, min_size=1, max_size=5),
+    broken_at=st.integers(0, 4),
+    damage=st.sampled_from(["truncate", "latin1", "array"]),
+)
 def test_damaged_jsonl_lines_are_named(items, broken_at, damage):
     broken_at %= len(items)
     with tempfile.TemporaryDirectory() as folder:
@@ -148,8 +152,13 @@ def test_parquet_columns_missing_or_of_the_wrong_type_are_named(items, response_
 
 
 @SETTINGS
-@given(groups=st.lists(st.tuples(st.sampled_from([".jsonl", ".json", ".parquet"]),
-                                 st.lists(good_records, min_size=1, max_size=3)), min_size=1, max_size=3))
+@given(
+    groups=st.lists(
+        st.tuples(st.sampled_from([".jsonl", ".json", ".parquet"]), st.lists(good_records, min_size=1, max_size=3)),
+        min_size=1,
+        max_size=3,
+    )
+)
 def test_a_folder_of_mixed_files_loads_every_record(groups):
     with tempfile.TemporaryDirectory() as folder:
         expected = []

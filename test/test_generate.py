@@ -13,7 +13,7 @@ from training.generate import (
     get_special_token_id,
     load_model_tokenizer_for_generate,
 )
-from training.modeling import get_model_tokenizer
+from training.rank.modeling import get_model_tokenizer
 from training.trainer import train
 
 
@@ -87,7 +87,7 @@ def test_generation_stops_at_end_key_through_the_public_pipeline(tiny_model_dir)
     ],
 )
 def test_precision_per_hardware(monkeypatch, cuda, bf16_supported, requested, expected):
-    from training.modeling import choose_precision
+    from training.rank.modeling import choose_precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_supported)
@@ -95,7 +95,7 @@ def test_precision_per_hardware(monkeypatch, cuda, bf16_supported, requested, ex
 
 
 def test_bf16_requested_on_a_gpu_without_it_is_refused(monkeypatch):
-    from training.modeling import choose_precision
+    from training.rank.modeling import choose_precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
@@ -131,20 +131,108 @@ def test_quantized_generation_stays_close_to_fp32(tiny_model_dir, caplog, bits, 
     assert not [r for r in caplog.records if "MatMul8bitLt" in r.getMessage()]  # no cast warning per product
 
 
-@pytest.mark.slow
 def test_fine_tuned_smollm2_answers_through_the_pipeline(embedded_model_dir, sample_path, tmp_path):
     """The real pretrained model: a few steps on the sample data, then the saved model answers."""
     out = train(
-        input_model=str(embedded_model_dir), local_output_dir=str(tmp_path / "smol"), training_dataset=str(sample_path),
-        max_steps=6, per_device_train_batch_size=4, test_size=0, lr=1e-4, save_steps=100, logging_steps=1,
+        input_model=str(embedded_model_dir),
+        local_output_dir=str(tmp_path / "smol"),
+        training_dataset=str(sample_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        test_size=0,
+        lr=1e-4,
+        save_steps=100,
+        logging_steps=1,
         gradient_checkpointing=True,
+        max_length=256,
+        mlflow=False,
     )
     model, tokenizer = load_model_tokenizer_for_generate(str(out), dtype=torch.float32, device_map="cpu")
     results = InstructionTextGenerationPipeline(model=model, tokenizer=tokenizer)(
         ["What is the boiling point of water at sea level?", "Give me three ideas for a rainy day indoors."],
-        do_sample=False, max_new_tokens=48, return_finish_reason=True,
+        do_sample=False,
+        max_new_tokens=24,
+        return_finish_reason=True,
     )
     for result in results:
         text = result[0]["generated_text"]
         assert text.strip() and "### Instruction" not in text
         assert result[0]["finish_reason"] in {"end_key", "eos", "length"}
+
+
+# ---- sample answers at each evaluation (training.rank.eval_answers) ----
+
+
+class ScriptedModel:
+    """Stands in for a model in EvalAnswers: ``generate`` returns the prompt followed by the scripted new tokens."""
+
+    training = False
+
+    def __init__(self, new_tokens):
+        self.new_tokens = new_tokens
+
+    def parameters(self):
+        yield torch.zeros(1)
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        return self
+
+    def generate(self, input_ids, **kwargs):
+        return torch.cat([input_ids, torch.tensor([self.new_tokens])], dim=1)
+
+
+def test_the_stop_rate_counts_the_end_key_in_the_answer_only(tiny_model_dir):
+    from training.rank.eval_answers import EvalAnswers, SamplePrompt, stop_reason
+
+    _, tokenizer = get_model_tokenizer(str(tiny_model_dir))
+    end, eos = tokenizer.convert_tokens_to_ids(END_KEY), tokenizer.eos_token_id
+    words = tokenizer.encode(" fine", add_special_tokens=False)
+    assert stop_reason(words + [end] + words, end, eos) == (len(words), "end_key")
+    assert stop_reason(words + [eos, end], end, eos) == (len(words), "eos")  # EOS first: it did not stop at ### End
+    assert stop_reason(words, end, eos) == (len(words), "length")
+    # An instruction that itself says "### End" puts the end key in the prompt: it must not count as stopping.
+    prompt = tokenizer("Repeat after me: ### End\n\n### Response:\n")["input_ids"]
+    assert end in prompt
+    samples = [SamplePrompt(prompt, "Repeat after me: ### End", "### End")]
+    answers = EvalAnswers(samples, tokenizer, max_new_tokens=4)
+    rate, never, _ = answers.evaluate(ScriptedModel(words + words), step=2)
+    assert rate == 0 and not never[0].stopped and never[0].answer == "fine fine"
+    rate, stopped, _ = answers.evaluate(ScriptedModel(words + [end]), step=4)
+    assert rate == 1 and stopped[0].stopped and stopped[0].answer == "fine" and stopped[0].step == 4
+
+
+def test_sample_prompts_come_from_the_masked_prompt_of_held_out_records(tiny_model_dir, sample_path):
+    from training.preprocess import preprocess_dataset
+    from training.rank.eval_answers import instruction_of, sample_prompts
+    from training.saved_model.prompts import format_generation_prompt
+
+    _, tokenizer = get_model_tokenizer(str(tiny_model_dir))
+    records = list(preprocess_dataset(tokenizer, 4096, training_dataset=str(sample_path)))[:3]
+    for sample in sample_prompts(records, tokenizer):
+        text = tokenizer.decode(sample.prompt_ids)
+        assert text.endswith("### Response:\n") and sample.reference and END_KEY not in sample.reference
+        assert text == format_generation_prompt(sample.instruction, instruction_context(text))
+    assert instruction_of(format_generation_prompt("Do it.", "Some context.")) == "Do it."
+
+
+def instruction_context(prompt: str) -> str | None:
+    return prompt.split("Input:\n", 1)[1].split("\n\n### Response:", 1)[0] if "Input:\n" in prompt else None
+
+
+def test_a_run_whose_answers_never_stopped_ends_with_a_warning(tiny_model_dir, caplog):
+    from training.rank.eval_answers import EvalAnswers
+
+    _, tokenizer = get_model_tokenizer(str(tiny_model_dir))
+    answers = EvalAnswers([], tokenizer, max_new_tokens=4)
+    answers.rates = [0.0, 0.25]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        answers.warn_if_never_stopped()
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+    answers.rates = [0.0, 0.0]
+    with caplog.at_level(logging.WARNING):
+        answers.warn_if_never_stopped()
+    assert "No sample answer stopped at ### End in 2 evaluations" in caplog.text and "--lr" in caplog.text

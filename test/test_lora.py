@@ -4,16 +4,14 @@ import json
 
 import pytest
 import torch
-from helpers import PROJECT_ROOT, quick_training_args, run_trainer
+from helpers import PROJECT_ROOT, assert_finished, invoke_trainer, quick_training_args
 from safetensors.torch import load_file
 from transformers import pipeline
 
 from training.consts import END_KEY, RESPONSE_KEY_NL
 from training.generate import load_model_tokenizer_for_generate
-from training.lora import DEFAULT_TARGET_MODULES, LoraSettings, apply_lora, is_adapter_dir, new_token_rows
-from training.modeling import get_model_tokenizer
-
-pytestmark = pytest.mark.slow
+from training.rank.lora import DEFAULT_TARGET_MODULES, LoraSettings, apply_lora, is_adapter_dir, new_token_rows
+from training.rank.modeling import get_model_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +65,22 @@ def test_new_tokens_rows_were_learned_and_the_rest_stayed_frozen(lora_output, ti
 
 def test_adapter_only_output_when_not_merging(tiny_model_dir, sample_path, tmp_path):
     out = tmp_path / "adapter-only"
-    result = run_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--lora-r", "4", "--no-merge-lora",
-                                             "--max-steps", "2", "--test-size", "0"))
-    assert result.returncode == 0, result.stderr[-5000:]
+    assert_finished(
+        invoke_trainer(
+            quick_training_args(
+                tiny_model_dir,
+                sample_path,
+                out,
+                "--lora-r",
+                "4",
+                "--no-merge-lora",
+                "--max-steps",
+                "2",
+                "--test-size",
+                "0",
+            )
+        )
+    )
     assert is_adapter_dir(out) and (out / "tokenizer.json").exists()
     model, _ = load_model_tokenizer_for_generate(str(out), device_map="cpu")
     assert type(model).__name__ == "PeftModelForCausalLM"
@@ -80,8 +91,16 @@ def test_llama_lora_targets_and_tied_embeddings(tiny_model_dir):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     _, tokenizer = get_model_tokenizer(str(tiny_model_dir))
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=1, num_attention_heads=2, tie_word_embeddings=True))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            tie_word_embeddings=True,
+        )
+    )
     assert list(new_token_rows(model, tokenizer)) == ["embed_tokens"]
     wrapped = apply_lora(model, tokenizer, LoraSettings(r=4))
     trainable = {name for name, p in wrapped.named_parameters() if p.requires_grad}
@@ -96,16 +115,32 @@ def test_quantized_training_needs_lora_and_no_zero3(tiny_model_dir, sample_path,
     with pytest.raises(ValueError, match="give --lora-r > 0"):
         train(input_model=str(tiny_model_dir), local_output_dir=str(tmp_path / "a"), load_in_8bit=True)
     with pytest.raises(ValueError, match="ZeRO-3 cannot partition bitsandbytes weights"):
-        train(input_model=str(tiny_model_dir), local_output_dir=str(tmp_path / "b"), load_in_4bit=True, lora_r=8,
-              deepspeed=str(PROJECT_ROOT / "config/cpu_config.json"))
+        train(
+            input_model=str(tiny_model_dir),
+            local_output_dir=str(tmp_path / "b"),
+            load_in_4bit=True,
+            lora_r=8,
+            deepspeed=str(PROJECT_ROOT / "config/cpu_config.json"),
+        )
 
 
 def test_qlora_trains_on_a_4bit_base_and_merges(tiny_model_dir, sample_path, tmp_path):
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "qlora"
-    result = run_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--lora-r", "4", "--load-in-4bit",
-                                             "--max-steps", "2", "--test-size", "0"))
-    assert result.returncode == 0, result.stderr[-5000:]
+    assert_finished(
+        invoke_trainer(
+            quick_training_args(
+                tiny_model_dir,
+                sample_path,
+                out,
+                "--lora-r",
+                "4",
+                "--load-in-4bit",
+                "--max-steps",
+                "2",
+            )  # with an evaluation at step 2: on CPU it once repacked the 4-bit weights for inference for good
+        )
+    )
     merged, tokenizer = load_model_tokenizer_for_generate(str(out), dtype=torch.float32, device_map="cpu")
     assert not any("4bit" in type(m).__name__ for m in merged.modules())  # merged into a full-precision base
     quantized, _ = load_model_tokenizer_for_generate(str(out), load_in_4bit=True, device_map="cpu")

@@ -13,12 +13,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import PROJECT_ROOT, quick_training_args, run_trainer, subprocess_env
+from helpers import PROJECT_ROOT, assert_finished, invoke_trainer, quick_training_args, run_example, subprocess_env
 
-from training.launch import free_port
-from training.tracking import local_mlflow_store
-
-pytestmark = pytest.mark.slow
+from training.driver.launch import free_port
+from training.rank.tracking import local_mlflow_store
 
 CPU_CONFIG = str(PROJECT_ROOT / "config" / "cpu_config.json")
 EXPERIMENT = "dolly-tests"
@@ -27,7 +25,8 @@ EXPERIMENT = "dolly-tests"
 @pytest.fixture(scope="module")
 def tracked_run(zero3_run) -> dict:
     """The shared 2-rank ZeRO-3 run (conftest), which logged to an MLflow store of its own."""
-    return {"uri": zero3_run.uri, "out": zero3_run.out, "env": zero3_run.env}
+    log = zero3_run.result.stdout + zero3_run.result.stderr
+    return {"uri": zero3_run.uri, "out": zero3_run.out, "env": zero3_run.env, "log": log}
 
 
 def only_run(uri: str):
@@ -58,12 +57,34 @@ def test_one_run_with_settings_metrics_files_and_model(tracked_run):
     assert record["resolved"]["mlflow_run_id"] == run.info.run_id
 
 
-def test_the_logged_model_loads_and_answers(tracked_run):
+def test_every_evaluation_logs_sample_answers_and_their_stop_rate(tracked_run):
+    """Under ZeRO-3 on 2 ranks (the shared run): eval_stop_rate at each evaluation step, the answers as a table in
+    MLflow and as text in TensorBoard, and the warning that none stopped (a 4-step tiny model never does)."""
+    import pandas as pd
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    client, run = only_run(tracked_run["uri"])
+    rates = client.get_metric_history(run.info.run_id, "eval_stop_rate")
+    assert [m.step for m in rates] == [2, 4] and all(0 <= m.value <= 1 for m in rates)
+    logged = json.loads(Path(client.download_artifacts(run.info.run_id, "eval_answers.json")).read_text())
+    table = pd.DataFrame(logged["data"], columns=logged["columns"])  # mlflow.log_table's layout
+    assert list(table.columns) == ["step", "instruction", "reference", "answer", "stopped"]
+    assert table["step"].tolist() == [2, 2, 2, 2, 4, 4, 4, 4]  # the default 4 answers, at both evaluations
+    assert table["instruction"].tolist()[:4] == table["instruction"].tolist()[4:]  # the same fixed instructions
+    assert all(table["reference"]) and table["stopped"].sum() / 4 == pytest.approx(rates[-1].value)
+    events = EventAccumulator(str(next((tracked_run["out"] / "runs").iterdir())), size_guidance={"tensors": 0})
+    events.Reload()
+    assert [event.step for event in events.Tensors("eval_answers/text_summary")] == [2, 4]
+    if max(m.value for m in rates) == 0:
+        assert "No sample answer stopped at ### End in 2 evaluations" in tracked_run["log"]
+
+
+def test_the_logged_model_loads_and_answers(tracked_run, monkeypatch):
     import mlflow
     import pandas as pd
 
-    mlflow.set_tracking_uri(tracked_run["uri"])
     _, run = only_run(tracked_run["uri"])
+    track_to(monkeypatch, tracked_run["uri"])
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     table = pd.DataFrame({"instruction": ["Name a colour.", "Who wrote it?"], "context": ["", "Hamlet is a play."]})
     answers = model.predict(table, params={"max_new_tokens": 6})
@@ -79,11 +100,28 @@ def bin_first() -> str:
 def test_mlflow_models_serve_answers_over_http(tracked_run, tmp_path):
     _, run = only_run(tracked_run["uri"])
     port = free_port()
+    server_log = open(tmp_path / "server.log", "w")  # noqa: SIM115 (the server writes it until the finally below)
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run.info.run_id}/model",
-         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=tmp_path, env=subprocess_env(**tracked_run["env"], PATH=bin_first()), stdout=open(tmp_path / "server.log", "w"),
-        stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            f"runs:/{run.info.run_id}/model",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=tmp_path,
+        env=subprocess_env(**tracked_run["env"], PATH=bin_first()),
+        stdout=server_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 180
@@ -97,8 +135,9 @@ def test_mlflow_models_serve_answers_over_http(tracked_run, tmp_path):
             except OSError:
                 time.sleep(1)
         body = json.dumps({"dataframe_records": [{"instruction": "Name a colour."}], "params": {"max_new_tokens": 6}})
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body.encode(), headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=120) as response:
             predictions = json.loads(response.read())["predictions"]
         assert len(predictions) == 1 and isinstance(predictions[0], str)
@@ -106,14 +145,16 @@ def test_mlflow_models_serve_answers_over_http(tracked_run, tmp_path):
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
+        server_log.close()
 
 
-def test_evaluation_before_and_after_lands_in_the_card_and_the_run(tracked_run, tiny_model_dir, sample_path,
-                                                                   monkeypatch):
+def test_evaluation_before_and_after_lands_in_the_card_and_the_run(
+    tracked_run, tiny_model_dir, sample_path, monkeypatch
+):
     from training.evaluate import evaluate
 
     out = tracked_run["out"]
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked_run["uri"])
+    track_to(monkeypatch, tracked_run["uri"])
     result = evaluate(out, str(sample_path), baseline=str(tiny_model_dir), answered=2, max_new_tokens=6)
     assert result["records"] == 8  # the run's own held-out split (--test-size 8)
     trained = result["metrics"][str(out)]
@@ -125,37 +166,51 @@ def test_evaluation_before_and_after_lands_in_the_card_and_the_run(tracked_run, 
     assert 0 <= trained["stops_at_end"] <= 1 and len(result["samples"]) == 2
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "license: cc-by-sa-3.0" in card and "pipeline_tag: text-generation" in card
-    assert f"| held-out response loss (per token) | {result['metrics'][str(tiny_model_dir)]['response_loss']:.3f} | " \
-           f"{trained['response_loss']:.3f} |" in card
+    assert (
+        f"| held-out response loss (per token) | {result['metrics'][str(tiny_model_dir)]['response_loss']:.3f} | "
+        f"{trained['response_loss']:.3f} |" in card
+    )
     client, run = only_run(tracked_run["uri"])
-    assert client.get_run(run.info.run_id).data.metrics["eval_trained_response_loss"] == pytest.approx(trained["response_loss"])
+    assert client.get_run(run.info.run_id).data.metrics["eval_trained_response_loss"] == pytest.approx(
+        trained["response_loss"]
+    )
 
 
-def test_no_mlflow_logs_nothing(tiny_model_dir, sample_path, tmp_path):
+def track_to(monkeypatch, uri: str, experiment: str | None = None) -> None:
+    """MLflow in this process logs to ``uri`` (and ``experiment``) for this test, as a process started with
+    MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_NAME does (nothing here sets MLflow's process-wide overrides)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    if experiment:
+        monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", experiment)
+
+
+def test_no_mlflow_logs_nothing(tiny_model_dir, sample_path, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     uri = local_mlflow_store(tmp_path / "store", EXPERIMENT)
-    result = run_trainer(quick_training_args(tiny_model_dir, sample_path, tmp_path / "out", "--max-steps", "1", "--no-mlflow"),
-                         env={"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": EXPERIMENT})
-    assert result.returncode == 0, result.stderr[-3000:]
+    track_to(monkeypatch, uri, EXPERIMENT)
+    args = quick_training_args(tiny_model_dir, sample_path, tmp_path / "out", "--max-steps", "1", "--no-mlflow")
+    assert_finished(invoke_trainer(args))
     experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(EXPERIMENT)
     assert MlflowClient(tracking_uri=uri).search_runs([experiment.experiment_id]) == []
     assert "mlflow_run_id" not in json.loads((tmp_path / "out" / "run_config.json").read_text())["resolved"]
 
 
-def test_a_resumed_training_is_a_new_run_tagged_with_the_one_it_continues(tiny_model_dir, sample_path, tmp_path):
+def test_a_resumed_training_is_a_new_run_tagged_with_the_one_it_continues(
+    tiny_model_dir, sample_path, tmp_path, monkeypatch
+):
     from mlflow.tracking import MlflowClient
 
-    from training.tracking import RESUMED_FROM_TAG
+    from training.rank.tracking import RESUMED_FROM_TAG
 
     uri = local_mlflow_store(tmp_path / "store", EXPERIMENT)
-    env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": EXPERIMENT}
+    track_to(monkeypatch, uri, EXPERIMENT)
     out = tmp_path / "out"
-    first = run_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--max-steps", "2"), env=env)
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert_finished(invoke_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--max-steps", "2")))
     first_id = json.loads((out / "run_config.json").read_text())["resolved"]["mlflow_run_id"]
-    resumed = run_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--max-steps", "4", "--resume"), env=env)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_finished(
+        invoke_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--max-steps", "4", "--resume"))
+    )
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id], order_by=["start_time ASC"])
     assert [run.info.run_id for run in runs][0] == first_id and len(runs) == 2
@@ -163,11 +218,9 @@ def test_a_resumed_training_is_a_new_run_tagged_with_the_one_it_continues(tiny_m
     assert [m.step for m in client.get_metric_history(runs[1].info.run_id, "loss")] == [3, 4]
 
 
-def test_langchain_example_answers_with_and_without_context(embedded_model_dir):
-    ran = subprocess.run([sys.executable, str(PROJECT_ROOT / "examples" / "langchain.py")], cwd=PROJECT_ROOT,
-                         env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert ran.returncode == 0, ran.stderr[-3000:]
-    without, _, rest = ran.stdout.partition("-----------")
+def test_langchain_example_answers_with_and_without_context(embedded_model_dir, capsys, monkeypatch):
+    printed = run_example("langchain.py", capsys=capsys, monkeypatch=monkeypatch)
+    without, _, rest = printed.partition("-----------")
     assert without.startswith("Without context:\n") and len(without.split("\n", 1)[1].strip()) > 0
     with_context = rest.strip().split("\n", 1)
     assert with_context[0] == "With context:" and len(with_context[1].replace("-", "").strip()) > 0
@@ -177,8 +230,8 @@ def test_a_tracking_store_failing_at_the_end_hides_no_training_error(tmp_path, m
     """The training's own error reaches the user even when MLflow cannot be written any more (a full disk)."""
     import mlflow
 
+    from training.rank.tracking import mlflow_run
     from training.settings import TrainSettings
-    from training.tracking import mlflow_run
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", local_mlflow_store(tmp_path / "store"))
     settings = TrainSettings(local_output_dir=str(tmp_path / "out"))
@@ -187,8 +240,64 @@ def test_a_tracking_store_failing_at_the_end_hides_no_training_error(tmp_path, m
         raise OSError("disk full")
 
     end_run = mlflow.end_run
-    with pytest.raises(ValueError, match="the training's own error"):
-        with mlflow_run(settings, main_process=True):
-            monkeypatch.setattr(mlflow, "end_run", store_gone)
-            raise ValueError("the training's own error")
+    with pytest.raises(ValueError, match="the training's own error"), mlflow_run(settings, main_process=True):
+        monkeypatch.setattr(mlflow, "end_run", store_gone)
+        raise ValueError("the training's own error")
     end_run()  # in this test's store, before its tracking URI is undone
+
+
+LOCAL_TASK = """task: dolly_local_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+"""
+LOCAL_QUESTIONS = [
+    {"question": "The sky on a clear day is", "choices": [" blue", " green", " red"], "answer": 0},
+    {"question": "Water freezes at zero degrees", "choices": [" Celsius", " Kelvin"], "answer": 0},
+    {"question": "A cat says", "choices": [" meow", " moo", " quack"], "answer": 0},
+    {"question": "The opposite of hot is", "choices": [" cold", " loud"], "answer": 0},
+]
+
+
+def test_lm_eval_benchmarks_land_in_evaluation_the_card_and_the_run(tracked_run, tiny_model_dir, tmp_path, monkeypatch):
+    """The dolly-v2 card's table, with a task written in lm-eval's own format over a local file (the dolly-v2 tasks
+    need the hub): lm-eval itself runs it, for the trained model and its base."""
+    from training.evaluate import evaluate, report
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "questions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in LOCAL_QUESTIONS))
+    (tasks / "dolly_local_mc.yaml").write_text(LOCAL_TASK.format(data=tasks / "questions.jsonl"))
+    out = tracked_run["out"]
+    track_to(monkeypatch, tracked_run["uri"])
+    result = evaluate(
+        out, None, baseline=str(tiny_model_dir), benchmarks=["dolly_local_mc"], benchmark_tasks_dir=str(tasks)
+    )
+    benchmarks = result["benchmarks"]
+    assert benchmarks["metric"] == {"dolly_local_mc": "acc_norm"}  # lm-eval's normalised accuracy, as dolly-v2's
+    for model in (str(tiny_model_dir), str(out)):
+        score = benchmarks["scores"][model]["dolly_local_mc"]
+        assert score in {0, 0.25, 0.5, 0.75, 1}  # a share of the 4 questions
+    assert json.loads((out / "evaluation.json").read_text())["benchmarks"]["scores"] == benchmarks["scores"]
+    card = (out / "README.md").read_text()
+    assert "| model | dolly_local_mc | gmean |" in card
+    assert "| after training (this model) | " in card and f"| before training (`{tiny_model_dir.name}`) | " in card
+    assert "held-out response loss" in card  # the held-out figures of the earlier evaluation stay
+    client, run = only_run(tracked_run["uri"])
+    logged = client.get_run(run.info.run_id).data.metrics
+    assert logged["bench_trained_dolly_local_mc"] == benchmarks["scores"][str(out)]["dolly_local_mc"]
+    assert {"bench_baseline_dolly_local_mc", "bench_trained_gmean", "bench_baseline_gmean"} <= set(logged)
+    assert "lm-evaluation-harness:" in report(result)

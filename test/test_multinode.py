@@ -14,25 +14,54 @@ import pytest
 from helpers import PROJECT_ROOT, subprocess_env, zero3_run_args
 from safetensors.torch import load_file
 
-from training.checkpoints import COMPLETE_MARKER
-from training.launch import free_port
+from training.driver.launch import free_port
+from training.rank.checkpoints import COMPLETE_MARKER
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.launch
 
 NODES = 2
 KILLED_JOB_ENDS_WITHIN_S = 120
 
 
 def torchrun_node(rank: int, port: int, args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(NODES), "--node-rank", str(rank),
-            "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
-            "-m", "training.trainer", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        str(NODES),
+        "--node-rank",
+        str(rank),
+        "--nproc-per-node",
+        "1",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(port),
+        "-m",
+        "training.trainer",
+        *args,
+    ]
 
 
 def deepspeed_node(rank: int, port: int, args: list[str], hostfile: Path) -> list[str]:
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
-            "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
-            "--module", "training.trainer", *args]
+    return [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--hostfile",
+        str(hostfile),
+        "--no_ssh",
+        "--node_rank",
+        str(rank),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        "--module",
+        "training.trainer",
+        *args,
+    ]
 
 
 LAUNCHERS = ("torchrun", "deepspeed")
@@ -50,8 +79,13 @@ def node_commands(launcher: str, args: list[str], tmp_path: Path) -> list[list[s
 def start_nodes(commands: list[list[str]], logs: Path) -> list[subprocess.Popen]:
     logs.mkdir(parents=True, exist_ok=True)
     return [
-        subprocess.Popen(command, cwd=PROJECT_ROOT, env=subprocess_env(), stdout=open(logs / f"node{rank}.log", "w"),
-                         stderr=subprocess.STDOUT)
+        subprocess.Popen(
+            command,
+            cwd=PROJECT_ROOT,
+            env=subprocess_env(),
+            stdout=open(logs / f"node{rank}.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
         for rank, command in enumerate(commands)
     ]
 
@@ -91,7 +125,9 @@ def one_node_two_ranks(zero3_run) -> dict:
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_two_nodes_give_the_weights_of_one_node(launcher, tiny_model_dir, sample_path, tmp_path, one_node_two_ranks):
     out = tmp_path / "out"
-    nodes = start_nodes(node_commands(launcher, zero3_run_args(tiny_model_dir, sample_path, out), tmp_path), tmp_path / "logs")
+    nodes = start_nodes(
+        node_commands(launcher, zero3_run_args(tiny_model_dir, sample_path, out), tmp_path), tmp_path / "logs"
+    )
     codes = wait_all(nodes, timeout=600)
     assert codes == [0] * NODES, node_logs(tmp_path / "logs")
     assert max_difference(weights(out), one_node_two_ranks) <= 1e-5
@@ -120,8 +156,9 @@ def worker_of(node: subprocess.Popen) -> psutil.Process:
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_a_killed_worker_ends_the_job_and_resume_continues_it(launcher, tiny_model_dir, sample_path, tmp_path,
-                                                               one_node_two_ranks):
+def test_a_killed_worker_ends_the_job_and_resume_continues_it(
+    launcher, tiny_model_dir, sample_path, tmp_path, one_node_two_ranks
+):
     out = tmp_path / "out"
     args = zero3_run_args(tiny_model_dir, sample_path, out)
     nodes = start_nodes(node_commands(launcher, args, tmp_path), tmp_path / "logs")

@@ -5,16 +5,16 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
-from training.collators import DataCollatorForCompletionOnlyLM
-from training.modeling import get_model_tokenizer
-from training.packing import (
+from training.preprocess import IGNORE_INDEX, preprocess_dataset
+from training.rank.collators import DataCollatorForCompletionOnlyLM
+from training.rank.modeling import get_model_tokenizer
+from training.rank.packing import (
     PACKED_SDPA,
     DataCollatorForPackedCompletionOnlyLM,
     record_bounds,
     register_packed_sdpa,
     supports_packing,
 )
-from training.preprocess import IGNORE_INDEX, preprocess_dataset
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,15 @@ def records(model_and_tokenizer, sample_path):
 
 def tiny_llama(vocab_size: int) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+    )
     model = LlamaForCausalLM(config).eval()
     assert model.config.use_cache  # the collator alone must keep packed records apart
     return model
@@ -92,13 +99,30 @@ def one_sgd_step(tiny_model_dir, dataset, tmp_path, collator, batch_size: int, a
     torch.manual_seed(0)  # the added tokens' embedding rows are drawn at random when resizing
     model, tokenizer = get_model_tokenizer(str(tiny_model_dir))
     args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
-        max_steps=1, learning_rate=1.0, optim="sgd", lr_scheduler_type="constant", warmup_steps=0,
-        train_sampling_strategy="sequential", report_to=[], save_strategy="no", logging_steps=1,
-        remove_unused_columns=False, max_grad_norm=0.0, use_cpu=True, seed=0,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        learning_rate=1.0,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        train_sampling_strategy="sequential",
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        remove_unused_columns=False,
+        max_grad_norm=0.0,
+        use_cpu=True,
+        seed=0,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator(tokenizer=tokenizer),
-                      processing_class=tokenizer)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator(tokenizer=tokenizer),
+        processing_class=tokenizer,
+    )
     trainer.train()
     return {name: p.detach().clone() for name, p in model.named_parameters()}, trainer.state.log_history[0]["loss"]
 
@@ -108,7 +132,9 @@ def test_one_step_is_the_same_however_records_are_grouped(tiny_model_dir, record
     from datasets import Dataset
 
     dataset = Dataset.from_list(records[:8])
-    packed, packed_loss = one_sgd_step(tiny_model_dir, dataset, tmp_path / "a", DataCollatorForPackedCompletionOnlyLM, 8, 1)
+    packed, packed_loss = one_sgd_step(
+        tiny_model_dir, dataset, tmp_path / "a", DataCollatorForPackedCompletionOnlyLM, 8, 1
+    )
     padded, padded_loss = one_sgd_step(tiny_model_dir, dataset, tmp_path / "b", DataCollatorForCompletionOnlyLM, 4, 2)
     single, single_loss = one_sgd_step(tiny_model_dir, dataset, tmp_path / "c", DataCollatorForCompletionOnlyLM, 1, 8)
     assert padded_loss == pytest.approx(packed_loss, rel=1e-4)
@@ -130,7 +156,7 @@ def test_every_layer_gets_the_collators_record_bounds(model_and_tokenizer, recor
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    import training.packing as packing
+    import training.rank.packing as packing
 
     model, tokenizer = model_and_tokenizer
     if architecture == "llama":
@@ -160,8 +186,9 @@ def test_every_layer_gets_the_collators_record_bounds(model_and_tokenizer, recor
             packed_logits = model(**{k: v for k, v in packed.items() if k != "labels"}).logits[0]
             for start, record in zip(starts, chosen):
                 alone = model(input_ids=torch.tensor([record["input_ids"]])).logits[0]
-                torch.testing.assert_close(packed_logits[start : start + len(record["input_ids"])], alone,
-                                           atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(
+                    packed_logits[start : start + len(record["input_ids"])], alone, atol=1e-4, rtol=1e-4
+                )
     finally:
         model.set_attn_implementation("sdpa")
     layers = model.config.num_hidden_layers
@@ -171,10 +198,89 @@ def test_every_layer_gets_the_collators_record_bounds(model_and_tokenizer, recor
 def test_flash_attention_is_chosen_only_where_it_can_run(monkeypatch):
     import importlib.util
 
-    from training.modeling import training_attention
+    from training.rank.modeling import training_attention
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
     assert training_attention("bf16") == "flash_attention_2" and training_attention("fp32") is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert training_attention("bf16") is None
+
+
+# ---- the packing self-check (training.rank.packing_check) ----
+
+
+def leak_between_neighbours(model) -> None:
+    """Make every layer mix each token with the one before it (as token-shift and convolution layers do): records
+    packed into one row then see each other, whatever the attention does."""
+
+    def shift(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        mixed = hidden + 0.5 * torch.nn.functional.pad(hidden, (0, 0, 1, 0))[:, :-1]
+        return (mixed, *output[1:]) if isinstance(output, tuple) else mixed
+
+    for layer in model.gpt_neox.layers:
+        layer.register_forward_hook(shift)
+
+
+@pytest.mark.parametrize("architecture", ["gpt_neox", "llama"])
+def test_the_packing_self_check_passes_where_records_stay_apart(tiny_model_dir, records, architecture):
+    from training.rank.packing import packing_collator, restore_attention
+    from training.rank.packing_check import check_packing, check_records
+
+    model, tokenizer = get_model_tokenizer(str(tiny_model_dir))
+    if architecture == "llama":
+        model = tiny_llama(len(tokenizer))
+    assert packing_collator(model, tokenizer) is not None  # per-record attention on, as in training
+    try:
+        result = check_packing(model, tokenizer, check_records(records), "fp32")
+    finally:
+        restore_attention(model)
+    assert result.passed and result.records == 3 and result.difference < 1e-4, result.describe()
+
+
+def test_the_packing_self_check_catches_records_that_see_each_other(tiny_model_dir, records):
+    from training.rank.packing import packing_collator, restore_attention
+    from training.rank.packing_check import check_packing, check_records
+
+    model, tokenizer = get_model_tokenizer(str(tiny_model_dir))
+    leak_between_neighbours(model)
+    packing_collator(model, tokenizer)
+    try:
+        result = check_packing(model, tokenizer, check_records(records), "fp32")
+    finally:
+        restore_attention(model)
+    assert not result.passed and result.difference > 100 * result.tolerance * result.scale, result.describe()
+
+
+def test_a_leaky_model_trains_padded_or_refuses_when_packing_is_asked_for(
+    tiny_model_dir, sample_path, tmp_path, monkeypatch
+):
+    from helpers import assert_finished, invoke_trainer, quick_training_args
+
+    import training.rank.prepare as prepare
+
+    load = prepare.load_for_training
+
+    def leaky_load(*args, **kwargs):
+        model, tokenizer = load(*args, **kwargs)
+        leak_between_neighbours(model)
+        return model, tokenizer
+
+    monkeypatch.setattr(prepare, "load_for_training", leaky_load)
+    args = quick_training_args(tiny_model_dir, sample_path, tmp_path / "auto", "--max-steps", "1", "--no-mlflow")
+    run = invoke_trainer(args)
+    assert_finished(run)
+    assert (
+        "Packing self-check failed (3 records packed into one row against each alone: largest logit difference"
+        in run.log
+        and "trains on padded batches" in run.log
+    )
+    assert "Batching with DataCollatorForCompletionOnlyLM" in run.log
+    refused = invoke_trainer(
+        quick_training_args(
+            tiny_model_dir, sample_path, tmp_path / "asked", "--max-steps", "1", "--no-mlflow", "--packing"
+        )
+    )
+    assert refused.exit_code == 1 and "--packing: the packing self-check failed on this model" in refused.log
+    assert "Batching with" not in refused.log  # refused before training

@@ -5,12 +5,12 @@ import logging
 import pytest
 from datasets import Dataset
 
-from training.collators import DataCollatorForCompletionOnlyLM
 from training.consts import END_KEY, RESPONSE_KEY_NL
 from training.data import DatasetRecordError
-from training.modeling import load_tokenizer
 from training.preprocess import IGNORE_INDEX, preprocess_batch, preprocess_dataset
 from training.prompts import format_training_text
+from training.rank.collators import DataCollatorForCompletionOnlyLM
+from training.rank.modeling import load_tokenizer
 
 TRICKY_CONTEXT = "A quoted template:\n### Response:\nnot the answer, part of the context."
 
@@ -66,9 +66,13 @@ def test_pad_equal_to_eos_keeps_a_real_eos_in_the_labels(tokenizer):
     assert tokenizer.pad_token_id == tokenizer.eos_token_id
     eos = tokenizer.eos_token
     short = {"instruction": "Say a word.", "context": "", "response": f"Word{eos}"}
-    long = {"instruction": "Say a sentence, please, a long one.", "context": "", "response": "A much longer answer here."}
+    long = {
+        "instruction": "Say a sentence, please, a long one.",
+        "context": "",
+        "response": "A much longer answer here.",
+    }
     features = preprocess_batch(batch_of(short, long), tokenizer, 2048)
-    examples = [{"input_ids": i, "labels": l} for i, l in zip(features["input_ids"], features["labels"])]
+    examples = [{"input_ids": ids, "labels": labels} for ids, labels in zip(features["input_ids"], features["labels"])]
     batch = DataCollatorForCompletionOnlyLM(tokenizer=tokenizer)(examples)
     row_ids, row_labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     length = len(examples[0]["input_ids"])
@@ -94,7 +98,9 @@ def test_missing_response_key_is_a_clear_error(tokenizer):
 
 
 def test_long_records_are_removed_with_a_log(tokenizer, sample_path, caplog):
-    lengths = sorted(len(ids) for ids in preprocess_dataset(tokenizer, 100_000, training_dataset=str(sample_path))["input_ids"])
+    lengths = sorted(
+        len(ids) for ids in preprocess_dataset(tokenizer, 100_000, training_dataset=str(sample_path))["input_ids"]
+    )
     limit = lengths[len(lengths) // 2]
     expected_removed = sum(length > limit for length in lengths)
     with caplog.at_level(logging.WARNING):
@@ -119,7 +125,7 @@ def test_new_tokens_start_from_what_the_model_knows(tiny_model_dir, tmp_path):
     """### End starts as EOS (input and output rows); the other keys as the mean of their sub-tokens."""
     import torch
 
-    from training.modeling import get_model_tokenizer
+    from training.rank.modeling import get_model_tokenizer
 
     model, tokenizer = get_model_tokenizer(str(tiny_model_dir))
     inputs, outputs = model.get_input_embeddings().weight, model.get_output_embeddings().weight

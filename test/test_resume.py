@@ -11,77 +11,40 @@ import resource
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 from helpers import (
     PROJECT_ROOT,
+    assert_finished,
     assert_ok,
+    assert_resumed_like_uninterrupted,
+    copy_run,
+    invoke_trainer,
     lora_run_args,
+    max_weight_difference,
     quick_training_args,
+    run_killed,
     run_trainer,
     subprocess_env,
     trainer_command,
     zero3_run_args,
 )
-from safetensors.torch import load_file
 
-from training.checkpoints import COMPLETE_MARKER
-from training.run_lock import LOCK_FILE_NAME
-from training.saving import is_finished_output
-
-pytestmark = pytest.mark.slow
-
-TRAIN_LOSS_LINE = "{'loss':"
-
-
-
-def max_weight_difference(first: Path, second: Path) -> float:
-    a, b = load_file(str(first)), load_file(str(second))
-    assert a.keys() == b.keys()
-    return max((a[name].float() - b[name].float()).abs().max().item() for name in a)
-
-
-def logged(output_dir: Path, key: str) -> dict[int, float]:
-    """``key`` (``loss``, ``learning_rate``) per step, from the finished model's trainer state."""
-    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
-    return {entry["step"]: entry[key] for entry in history if key in entry}
-
-
-def assert_resumed_like_uninterrupted(reference: Path, resumed_out: Path, resumed: subprocess.CompletedProcess,
-                                      resumed_from: int, steps: int, weights: str = "model.safetensors") -> None:
-    log = resumed.stdout + resumed.stderr
-    assert f"Resuming from {resumed_out / f'checkpoint-{resumed_from}'}" in log
-    # Only the remaining steps ran in the resumed process (one loss line per step).
-    assert log.count(TRAIN_LOSS_LINE) == steps - resumed_from, log[-4000:]
-    assert is_finished_output(resumed_out)
-    assert max_weight_difference(reference / weights, resumed_out / weights) <= 1e-5
-    # Same losses and learning rates after the resume point: data order, schedule and RNG continued.
-    reference_losses, resumed_losses = logged(reference, "loss"), logged(resumed_out, "loss")
-    assert sorted(resumed_losses) == list(range(1, steps + 1))
-    for step in range(resumed_from + 1, steps + 1):
-        assert resumed_losses[step] == pytest.approx(reference_losses[step], abs=1e-5)
-    assert logged(resumed_out, "learning_rate") == logged(reference, "learning_rate")
-
-
-def run_killed(args: list[str], fault: str) -> None:
-    """Run on 2 ranks until ``fault`` kills them; the folder must not look finished afterwards."""
-    killed = run_trainer(args, deepspeed_ranks=2, module="fault_injection", env={"DOLLY_FAULT": fault})
-    assert killed.returncode != 0, killed.stderr[-3000:]
-    assert not is_finished_output(Path(args[args.index("--local-output-dir") + 1]))
-
+from training.rank.checkpoints import COMPLETE_MARKER
+from training.rank.run_lock import LOCK_FILE_NAME
+from training.rank.saving import is_finished_output
 
 # The kills below stop a run with the arguments of a shared uninterrupted 2-rank run (conftest's ``zero3_run`` and
 # ``lora_run``: 4 steps, evaluation and a complete checkpoint at steps 2 and 4), which is their reference.
 SHARED_RUN_STEPS = 4
 
 
+@pytest.mark.launch
 def test_zero3_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_model(
-    tiny_model_dir, sample_path, tmp_path, zero3_run
+    tiny_model_dir, sample_path, tmp_path, zero3_run, zero3_killed_at_2
 ):
-    out = tmp_path / "out"
+    out = copy_run(zero3_killed_at_2, tmp_path / "out")  # killed after checkpoint-2 (conftest)
     args = zero3_run_args(tiny_model_dir, sample_path, out)
-    run_killed(args, "kill-after-checkpoint:2")
     assert (out / "checkpoint-2" / COMPLETE_MARKER).exists() and not (out / "checkpoint-4").exists()
 
     resumed = run_trainer(args + ["--resume"], deepspeed_ranks=2)
@@ -89,6 +52,7 @@ def test_zero3_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_model(
     assert_resumed_like_uninterrupted(zero3_run.out, out, resumed, resumed_from=2, steps=SHARED_RUN_STEPS)
 
 
+@pytest.mark.launch
 def test_zero3_run_killed_while_saving_resumes_from_the_previous_checkpoint(
     tiny_model_dir, sample_path, tmp_path, zero3_run
 ):
@@ -106,11 +70,11 @@ def test_zero3_run_killed_while_saving_resumes_from_the_previous_checkpoint(
     assert_resumed_like_uninterrupted(zero3_run.out, out, resumed, resumed_from=2, steps=SHARED_RUN_STEPS)
 
 
-def test_lora_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_model(tiny_model_dir, sample_path, tmp_path,
-                                                                               lora_run):
-    out = tmp_path / "out"
-    args = lora_run_args(tiny_model_dir, sample_path, out)  # the shared LoRA run's (conftest): its reference
-    run_killed(args, "kill-after-checkpoint:2")
+def test_lora_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_model(
+    tiny_model_dir, sample_path, tmp_path, lora_run, lora_killed_at_2
+):
+    out = copy_run(lora_killed_at_2, tmp_path / "out")  # the shared LoRA run's arguments, killed after checkpoint-2
+    args = lora_run_args(tiny_model_dir, sample_path, out)
 
     resumed = run_trainer(args + ["--resume"], deepspeed_ranks=2)
     assert_ok(resumed)
@@ -120,15 +84,22 @@ def test_lora_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_model(t
     assert max_weight_difference(lora_run.out / adapter, out / adapter) <= 1e-5
 
 
+@pytest.mark.launch
 def test_second_run_on_a_busy_output_folder_is_refused_and_a_killed_run_leaves_no_stale_lock(
     tiny_model_dir, sample_path, tmp_path
 ):
     out = tmp_path / "out"
     # A long single-process run: it holds the lock from its start until it is killed.
-    long_args = quick_training_args(tiny_model_dir, sample_path, out, "--max-steps", "100000", "--save-steps", "100000",
-                                    "--test-size", "0")
-    running = subprocess.Popen(trainer_command(long_args), cwd=PROJECT_ROOT, env=subprocess_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    long_args = quick_training_args(
+        tiny_model_dir, sample_path, out, "--max-steps", "100000", "--save-steps", "100000", "--test-size", "0"
+    )
+    running = subprocess.Popen(
+        trainer_command(long_args),
+        cwd=PROJECT_ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 120
         while not (out / LOCK_FILE_NAME).exists() or not (out / LOCK_FILE_NAME).read_text():
@@ -159,9 +130,13 @@ def _limit_file_size(limit: int):
     return apply
 
 
-def test_a_save_that_fails_leaves_earlier_checkpoints_and_the_finished_model_intact(tiny_model_dir, sample_path, tmp_path):
+def test_a_save_that_fails_leaves_earlier_checkpoints_and_the_finished_model_intact(
+    tiny_model_dir, sample_path, tmp_path
+):
     out = tmp_path / "out"
-    assert_ok(run_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--max-steps", "2", "--test-size", "0")))
+    assert_finished(
+        invoke_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--max-steps", "2", "--test-size", "0"))
+    )
     finished_weights = (out / "model.safetensors").read_bytes()
     checkpoint = out / "checkpoint-2"
     checkpoint_files = {p.name: p.read_bytes() for p in checkpoint.iterdir() if p.is_file()}
@@ -170,8 +145,10 @@ def test_a_save_that_fails_leaves_earlier_checkpoints_and_the_finished_model_int
     # (EFBIG), as it would on a full disk.
     limit = len(finished_weights) + 4096
     # (The limit holds for every file the process writes: MLflow's store is left out, so the checkpoint is what fails.)
-    failed = run_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--resume", "--test-size", "0", "--no-mlflow"),
-                         preexec_fn=_limit_file_size(limit))
+    failed = run_trainer(
+        quick_training_args(tiny_model_dir, sample_path, out, "--resume", "--test-size", "0", "--no-mlflow"),
+        preexec_fn=_limit_file_size(limit),
+    )
     assert failed.returncode != 0
     assert f"SaveFailedError: could not write checkpoint-4 in {out}" in failed.stderr, failed.stderr[-3000:]
     assert "The finished model already there is unchanged. Complete checkpoints kept: checkpoint-2." in failed.stderr
@@ -180,8 +157,9 @@ def test_a_save_that_fails_leaves_earlier_checkpoints_and_the_finished_model_int
     assert not (out / "checkpoint-4" / COMPLETE_MARKER).exists()
 
     # With room again, --resume carries on from checkpoint-2 and replaces the finished model.
-    resumed = run_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--resume", "--test-size", "0"))
-    assert_ok(resumed)
+    assert_finished(
+        invoke_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--resume", "--test-size", "0"))
+    )
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
     assert os.path.exists(out / "checkpoint-4" / COMPLETE_MARKER)
     assert (out / "model.safetensors").read_bytes() != finished_weights

@@ -5,13 +5,15 @@ import os
 
 import pytest
 
-from training.run_lock import LOCK_FILE_NAME, OutputDirLock, OutputDirLockedError, refuse_if_held_by_another_run
+from training.rank.run_lock import LOCK_FILE_NAME, OutputDirLock, OutputDirLockedError, refuse_if_held_by_another_run
 
 
 def test_a_second_lock_is_refused_with_the_holder_named_then_free_after_release(tmp_path):
     first = OutputDirLock(tmp_path / "out")
     first.acquire()
-    with pytest.raises(OutputDirLockedError, match=rf"another run is writing to {tmp_path / 'out'} \(pid {os.getpid()} on "):
+    with pytest.raises(
+        OutputDirLockedError, match=rf"another run is writing to {tmp_path / 'out'} \(pid {os.getpid()} on "
+    ):
         OutputDirLock(tmp_path / "out").acquire()
     first.release()
     assert not (tmp_path / "out" / LOCK_FILE_NAME).exists()
@@ -20,7 +22,9 @@ def test_a_second_lock_is_refused_with_the_holder_named_then_free_after_release(
 
 
 def test_a_lock_file_left_by_a_killed_run_does_not_block(tmp_path):
-    (tmp_path / LOCK_FILE_NAME).write_text(json.dumps({"pid": 2**22 + 1, "ppid": 1, "host": "x", "started": "", "command": ""}))
+    (tmp_path / LOCK_FILE_NAME).write_text(
+        json.dumps({"pid": 2**22 + 1, "ppid": 1, "host": "x", "started": "", "command": ""})
+    )
     with OutputDirLock(tmp_path):
         holder = json.loads((tmp_path / LOCK_FILE_NAME).read_text())
         assert holder["pid"] == os.getpid()
@@ -29,7 +33,13 @@ def test_a_lock_file_left_by_a_killed_run_does_not_block(tmp_path):
 def test_other_ranks_refuse_a_live_holder_that_is_not_their_own_main_process(tmp_path):
     import socket
 
-    holder = {"pid": os.getpid(), "ppid": os.getppid() + 1, "host": socket.gethostname(), "started": "t", "command": "c"}
+    holder = {
+        "pid": os.getpid(),
+        "ppid": os.getppid() + 1,
+        "host": socket.gethostname(),
+        "started": "t",
+        "command": "c",
+    }
     (tmp_path / LOCK_FILE_NAME).write_text(json.dumps(holder))
     with pytest.raises(OutputDirLockedError):
         refuse_if_held_by_another_run(tmp_path)
@@ -42,8 +52,14 @@ def test_ranks_on_another_node_know_their_own_main_process_by_the_rendezvous(tmp
     import socket
 
     # Another node's launcher is not our parent; the run's rendezvous address is what the ranks share.
-    holder = {"pid": os.getpid(), "ppid": os.getppid() + 1, "host": socket.gethostname(), "started": "t", "command": "c",
-              "rendezvous": "127.0.0.1:29611"}
+    holder = {
+        "pid": os.getpid(),
+        "ppid": os.getppid() + 1,
+        "host": socket.gethostname(),
+        "started": "t",
+        "command": "c",
+        "rendezvous": "127.0.0.1:29611",
+    }
     (tmp_path / LOCK_FILE_NAME).write_text(json.dumps(holder))
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29611")

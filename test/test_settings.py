@@ -15,13 +15,12 @@ from click.testing import CliRunner
 from helpers import PROJECT_ROOT, run_trainer
 
 from training.consts import DEFAULT_INPUT_MODEL, DEFAULT_SEED, DEFAULT_TRAINING_DATASET
-from training.notebook import FINETUNING, GPU_FAMILIES, RunPaths, notebook_settings
-from training.run_record import RUN_CONFIG_NAME, read_run_config
+from training.driver.notebook import FINETUNING, GPU_FAMILIES, RunPaths, notebook_settings
+from training.rank.run_record import RUN_CONFIG_NAME, read_run_config
 from training.settings import (
     SettingsError,
     TrainSettings,
     command_line,
-    field_docs,
     given_settings,
     option_name,
     option_spec,
@@ -71,12 +70,12 @@ def test_dollys_options_keep_their_names_and_defaults():
 
 
 def test_every_setting_is_one_cli_option_with_its_help_and_no_second_default():
-    params, docs = cli_params(), field_docs()
+    params = cli_params()
     assert set(params) == {item.name for item in setting_fields()} | {"config_file"}
     for item in setting_fields():
         param = params[item.name]
-        assert docs.get(item.name), f"{item.name} has no docstring"
-        assert param.help.startswith(docs[item.name])
+        assert option_spec(item).help, f"{item.name} has no help text"
+        assert param.help.startswith(option_spec(item).help)
         assert option_name(item) in param.opts
         if option_spec(item).kind == "value":
             assert param.default is None, f"{param.opts}: a second default"  # unset values come from the dataclass
@@ -96,11 +95,23 @@ def test_the_cli_and_train_agree_on_every_default(tmp_path):
     assert given_settings(ctx) == {"local_output_dir": out}
     assert TrainSettings(**given_settings(ctx)) == TrainSettings(local_output_dir=out)
     # Values left out on the command line are the dataclass's; parsed values are the field's type.
-    parsed = parse_cli(["--local-output-dir", out, "--test-size", "0.1", "--lora-target-modules", "query, dense",
-                        "--no-packing", "--bf16", "false"])
+    parsed = parse_cli(
+        [
+            "--local-output-dir",
+            out,
+            "--test-size",
+            "0.1",
+            "--lora-target-modules",
+            "query, dense",
+            "--no-packing",
+            "--bf16",
+            "false",
+        ]
+    )
     settings = TrainSettings(**given_settings(parsed))
-    assert settings == TrainSettings(local_output_dir=out, test_size=0.1, lora_target_modules=("query", "dense"),
-                                     packing=False, bf16=False)
+    assert settings == TrainSettings(
+        local_output_dir=out, test_size=0.1, lora_target_modules=("query", "dense"), packing=False, bf16=False
+    )
     assert settings.epochs == 3 and settings.lr == 1e-5
 
 
@@ -117,8 +128,12 @@ def test_train_checks_values_as_the_cli_does(tmp_path):
 @pytest.mark.parametrize("finetuning", sorted(FINETUNING))
 @pytest.mark.parametrize("family", sorted(GPU_FAMILIES))
 def test_notebook_runs_are_overrides_that_the_cli_reads_back(family, finetuning):
-    overrides = notebook_settings(input_model="m", gpu_family=family, finetuning=finetuning,
-                                  paths=RunPaths("/local/x", "/dbfs/x", "/local/x/runs"))
+    overrides = notebook_settings(
+        input_model="m",
+        gpu_family=family,
+        finetuning=finetuning,
+        paths=RunPaths("/local/x", "/dbfs/x", "/local/x/runs"),
+    )
     ctx = parse_cli(command_line(overrides))
     expected = {name: value for name, value in overrides.items() if value is not None}
     assert given_settings(ctx) == expected
@@ -136,8 +151,11 @@ def test_bad_config_files_are_named(tmp_path):
     not_json.write_text("{")
     unknown = tmp_path / "unknown.json"
     unknown.write_text(json.dumps({"format": 1, "settings": {"lr": 1e-4, "learning_rate": 1}}))
-    for path, message in ((missing, "no such file"), (not_json, "not a valid run_config.json"),
-                          (unknown, "unknown settings ['learning_rate']")):
+    for path, message in (
+        (missing, "no such file"),
+        (not_json, "not a valid run_config.json"),
+        (unknown, "unknown settings ['learning_rate']"),
+    ):
         result = CliRunner().invoke(main, ["--config", str(path), "--local-output-dir", str(tmp_path / "o")])
         assert result.exit_code == 2, result.output
         assert f"{path}: {message}" in result.output
@@ -145,20 +163,27 @@ def test_bad_config_files_are_named(tmp_path):
     assert result.exit_code == 2 and "Missing option '--local-output-dir'" in result.output
 
 
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(PROJECT_ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
 def module_imports(path: Path) -> set[str]:
-    """The training modules a module imports at its top level (relative imports)."""
+    """The project modules a module imports at its top level (relative imports, resolved to full names)."""
+    package = module_name(path).rsplit(".", 1)[0] if path.name != "__init__.py" else module_name(path)
     names = set()
     for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
+        if isinstance(node, ast.ImportFrom) and node.level >= 1:
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
             if node.module:
-                names.add(node.module.split(".")[0])
+                names.add(f"{base}.{node.module}")
             else:
-                names.update(alias.name for alias in node.names)
+                names.update(f"{base}.{alias.name}" for alias in node.names)
     return names
 
 
 def test_training_modules_import_no_cycle():
-    modules = {path.stem: module_imports(path) for path in (PROJECT_ROOT / "training").glob("*.py")}
+    modules = {module_name(path): module_imports(path) for path in (PROJECT_ROOT / "training").rglob("*.py")}
+    assert "training.rank.prepare" in modules and "training.saved_model.consts" in modules
     done: set[str] = set()
 
     def visit(name: str, trail: tuple[str, ...]) -> None:
@@ -179,7 +204,7 @@ def weights(folder: Path) -> dict:
     return load_file(str(folder / "model.safetensors"))
 
 
-@pytest.mark.slow
+@pytest.mark.launch
 def test_run_config_records_the_run_and_replays_it(zero3_run, sample_path, tmp_path):
     first, second, args, result = zero3_run.out, tmp_path / "second", zero3_run.args, zero3_run.result
     # DeepSpeed's CPU all-reduce segments (one per rank) are not left in /dev/shm (training/distributed.py).
@@ -190,8 +215,13 @@ def test_run_config_records_the_run_and_replays_it(zero3_run, sample_path, tmp_p
     assert record["settings"]["local_output_dir"] == str(first) and record["settings"]["seed"] == 11
     assert record["settings"]["epochs"] == 3  # every setting, defaults included
     assert set(record["settings"]) == {item.name for item in setting_fields()}
-    assert record["data"] == {"training_dataset": str(sample_path), "records": 41, "within_max_length": 41,
-                              "train_records": 33, "eval_records": 8}
+    assert record["data"] == {
+        "training_dataset": str(sample_path),
+        "records": 41,
+        "within_max_length": 41,
+        "train_records": 33,
+        "eval_records": 8,
+    }
     assert record["resolved"]["world_size"] == 2 and record["resolved"]["precision"] == "fp32"
     used = record["resolved"]["deepspeed_config"]
     assert used["zero_optimization"]["stage"] == 3 and used["train_micro_batch_size_per_gpu"] == 4  # "auto" filled
@@ -212,7 +242,9 @@ def test_run_config_records_the_run_and_replays_it(zero3_run, sample_path, tmp_p
     assert replayed_args == original_args
 
     # Re-run from the record alone: the same weights.
-    again = run_trainer(["--config", str(first / RUN_CONFIG_NAME), "--local-output-dir", str(second)], deepspeed_ranks=2)
+    again = run_trainer(
+        ["--config", str(first / RUN_CONFIG_NAME), "--local-output-dir", str(second)], deepspeed_ranks=2
+    )
     assert again.returncode == 0, again.stderr[-5000:]
     second_record = json.loads((second / RUN_CONFIG_NAME).read_text())
     assert {**second_record["settings"], "local_output_dir": str(first)} == record["settings"]

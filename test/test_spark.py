@@ -9,17 +9,18 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import PROJECT_ROOT, TEST_DIR, notebook_cells
 
 from training.data import DatasetRecordError
-from training.notebook import NotebookWidgets, RunPaths, deepspeed_command
-from training.run_record import RUN_CONFIG_NAME
-from training.spark import ENTRY_SCRIPT, distributor, distributor_spec, names_a_table, table_to_jsonl
-from training.spark_entry import trainer_args
+from training.driver.notebook import RunPaths, notebook_plan
+from training.driver.spark import ENTRY_SCRIPT, distributor, distributor_spec, names_a_table, table_to_jsonl
+from training.rank.run_record import RUN_CONFIG_NAME
+from training.rank.spark_entry import trainer_args
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.launch
 
 CPU_CONFIG = str(PROJECT_ROOT / "config" / "cpu_config.json")
 
@@ -29,7 +30,11 @@ def spark(tmp_path_factory):
     from pyspark.sql import SparkSession
 
     warehouse = tmp_path_factory.mktemp("spark-warehouse")
-    loopback = {"SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    loopback = {
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+    }
     saved = {name: os.environ.get(name) for name in loopback}
     os.environ.update(loopback)
     path = os.pathsep.join([str(PROJECT_ROOT), str(TEST_DIR)])
@@ -65,15 +70,24 @@ def test_trains_from_a_table_on_two_spark_workers_then_answers(spark, tiny_model
     table = save_table(spark, "dolly_sample", records)
     assert names_a_table(spark, table) and not names_a_table(spark, "databricks/databricks-dolly-15k")
     data = table_to_jsonl(spark, table, tmp_path / "records.jsonl")
-    assert [json.loads(line)["instruction"] for line in open(data)] == [r["instruction"] for r in records]
+    assert [json.loads(line)["instruction"] for line in Path(data).read_text().splitlines()] == [
+        r["instruction"] for r in records
+    ]
 
-    # The notebook's launch cell, as it runs with num_nodes=2 (its command built as the notebook builds it).
-    widgets = NotebookWidgets(argv=["--num_nodes", "2", "--gpu_family", "cpu"], environ={})
+    # The notebook's launch cell, as it runs with num_nodes=2 (its plan built as the notebook builds it).
     paths = RunPaths(str(tmp_path / "out"), None, str(tmp_path / "out" / "runs"))
-    command = deepspeed_command(input_model=str(tiny_model_dir), gpu_family="cpu", paths=paths, num_gpus="2",
-                                training_dataset=data, extra_args=("--max-steps", "3"))
-    launch_cell = next(cell for cell in notebook_cells() if "launch_training(command)" in cell)
-    exec(launch_cell, {"widgets": widgets, "spark": spark, "num_nodes": 2, "gpu_family": "cpu", "command": command})
+    plan = notebook_plan(
+        input_model=str(tiny_model_dir),
+        gpu_family="cpu",
+        paths=paths,
+        num_gpus="2",
+        training_dataset=data,
+        num_nodes=2,
+        overrides={"max_steps": 3},
+    )
+    assert plan.launcher == "spark" and plan.processes_per_node == 1
+    launch_cell = next(cell for cell in notebook_cells() if "launch_training(plan, spark=spark)" in cell)
+    exec(launch_cell, {"plan": plan, "spark": spark})
 
     out = tmp_path / "out"
     record = json.loads((out / RUN_CONFIG_NAME).read_text())
@@ -122,8 +136,13 @@ def test_the_distributor_commands_reach_the_trainer(spark, monkeypatch):
         distributor_spec(num_nodes=2, processes_per_node=2, use_gpu=False, deepspeed_config=None)
 
     # What a barrier task of node 1 sees on an 8-GPU worker.
-    for name, value in {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400", "RANK": "1",
-                        "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7", "PYSPARK_TORCH_DISTRIBUTOR_RDZV_ID": "r"}.items():
+    for name, value in {
+        "MASTER_ADDR": "10.0.0.1",
+        "MASTER_PORT": "29400",
+        "RANK": "1",
+        "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7",
+        "PYSPARK_TORCH_DISTRIBUTOR_RDZV_ID": "r",
+    }.items():
         monkeypatch.setenv(name, value)
     command = DeepspeedTorchDistributor._create_torchrun_command(
         {"local_mode": False, "num_processes": 16, "deepspeed_config": CPU_CONFIG}, str(ENTRY_SCRIPT), *flags
@@ -132,10 +151,16 @@ def test_the_distributor_commands_reach_the_trainer(spark, monkeypatch):
     assert {"--nnodes=2", "--node_rank=1", "--rdzv_endpoint=10.0.0.1:29400", "--nproc_per_node=8"} <= set(command)
     script_args = command[command.index(str(ENTRY_SCRIPT)) + 1 :]
     settings = given_settings(main.make_context("trainer", trainer_args(script_args)))
-    assert settings["deepspeed"] == CPU_CONFIG and settings["epochs"] == 1 and settings["local_output_dir"] == "/shared/out"
+    assert (
+        settings["deepspeed"] == CPU_CONFIG
+        and settings["epochs"] == 1
+        and settings["local_output_dir"] == "/shared/out"
+    )
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # a CPU worker's task
-    command = TorchDistributor._create_torchrun_command({"local_mode": False, "num_processes": 2}, str(ENTRY_SCRIPT), *flags)
+    command = TorchDistributor._create_torchrun_command(
+        {"local_mode": False, "num_processes": 2}, str(ENTRY_SCRIPT), *flags
+    )
     assert {"--nnodes=2", "--node_rank=1", "--nproc_per_node=1"} <= set(command)
     script_args = command[command.index(str(ENTRY_SCRIPT)) + 1 :]
     assert "deepspeed" not in given_settings(main.make_context("trainer", trainer_args(script_args)))

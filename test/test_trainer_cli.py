@@ -1,21 +1,18 @@
-"""The trainer as users run it: the CLI, under the DeepSpeed launcher, then the saved model through a pipeline."""
+"""The trainer as users run it: the CLI, under the DeepSpeed launcher (and in this process, one rank, for the trainer's
+own logic), then the saved model through a pipeline."""
 
 import json
-import subprocess
-import sys
 
 import pytest
-from helpers import PROJECT_ROOT, assert_ok, quick_training_args, run_trainer, subprocess_env
+from helpers import PROJECT_ROOT, assert_finished, assert_ok, invoke_trainer, quick_training_args, run_example
 from transformers import pipeline
 
-from training.checkpoints import COMPLETE_MARKER
+from training.rank.checkpoints import COMPLETE_MARKER
 from training.trainer import parse_test_size
 
-pytestmark = pytest.mark.slow
 
-
-
-def test_deepspeed_zero3_two_cpu_ranks_train_save_and_answer(zero3_run):
+@pytest.mark.smoke
+def test_deepspeed_zero3_two_cpu_ranks_train_save_and_answer(zero3_run, capsys, monkeypatch):
     out, result = zero3_run.out, zero3_run.result  # deepspeed --num_gpus 2 --module training.trainer (conftest)
     assert "--deepspeed" in zero3_run.args
     assert_ok(result)
@@ -29,7 +26,13 @@ def test_deepspeed_zero3_two_cpu_ranks_train_save_and_answer(zero3_run):
     # per rank); ranks that each read every record would need 9 steps.
     assert "Train data size: 33" in log
     assert state["epoch"] == pytest.approx(4 / 5)
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "instruct_pipeline.py"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "generation_config.json",
+        "instruct_pipeline.py",
+    ):
         assert (out / name).exists(), name
     assert not (out / ".staging-final").exists()
 
@@ -42,8 +45,11 @@ def test_deepspeed_zero3_two_cpu_ranks_train_save_and_answer(zero3_run):
     import torch
     from transformers import BitsAndBytesConfig
 
-    for kwargs in ({"torch_dtype": torch.bfloat16}, {"torch_dtype": torch.float16},
-                   {"model_kwargs": {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}}):
+    for kwargs in (
+        {"torch_dtype": torch.bfloat16},
+        {"torch_dtype": torch.float16},
+        {"model_kwargs": {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}},
+    ):
         dolly_call = pipeline(model=str(out), trust_remote_code=True, device_map="auto", **kwargs)
         assert isinstance(dolly_call("Name a colour.", max_new_tokens=4)[0]["generated_text"], str), kwargs
     generation_config = json.loads((out / "generation_config.json").read_text())
@@ -52,27 +58,24 @@ def test_deepspeed_zero3_two_cpu_ranks_train_save_and_answer(zero3_run):
 
     # The examples answer with any trained model folder.
     for example in ("generation.py", "pipeline.py"):
-        ran = subprocess.run([sys.executable, str(PROJECT_ROOT / "examples" / example), str(out)], cwd=PROJECT_ROOT,
-                             env=subprocess_env(), capture_output=True, text=True, timeout=300)
-        assert ran.returncode == 0, ran.stderr[-3000:]
-        assert ran.stdout.count("Instruction:") == 2
+        assert run_example(example, str(out), capsys=capsys, monkeypatch=monkeypatch).count("Instruction:") == 2
 
 
 def test_existing_output_is_not_overwritten_and_resume_continues(tiny_model_dir, sample_path, tmp_path):
     out = tmp_path / "out"
-    assert_ok(run_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--max-steps", "2")))
+    assert_finished(invoke_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--max-steps", "2")))
     assert (out / "checkpoint-2" / COMPLETE_MARKER).exists()
     weights_before = (out / "model.safetensors").read_bytes()
 
-    again = run_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--max-steps", "2"))
-    assert again.returncode != 0
-    assert "is not empty; pass --resume" in again.stderr
+    again = invoke_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--max-steps", "2"))
+    assert again.exit_code != 0
+    assert "is not empty; pass --resume" in again.log
     assert (out / "model.safetensors").read_bytes() == weights_before
 
     (out / "checkpoint-9").mkdir()  # an interrupted save: never marked complete
-    resumed = run_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--resume"))
-    assert_ok(resumed)
-    log = resumed.stdout + resumed.stderr
+    resumed = invoke_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--resume"))
+    assert_finished(resumed)
+    log = resumed.log
     assert f"Removing incomplete checkpoint {out / 'checkpoint-9'}" in log
     assert f"Resuming from {out / 'checkpoint-2'}" in log
     # Only steps 3 and 4 ran: one training-loss line each (a run that restarted would log four).
@@ -84,26 +87,29 @@ def test_existing_output_is_not_overwritten_and_resume_continues(tiny_model_dir,
 
 def test_no_packing_falls_back_to_padded_batches_and_dbfs_gets_a_copy(tiny_model_dir, sample_path, tmp_path):
     out, dbfs = tmp_path / "out", tmp_path / "dbfs" / "run"
-    result = run_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--max-steps", "2", "--no-packing",
-                                             "--dbfs-output-dir", str(dbfs)))
-    assert_ok(result)
-    assert "Batching with DataCollatorForCompletionOnlyLM" in result.stderr
+    result = invoke_trainer(
+        quick_training_args(
+            tiny_model_dir, sample_path, out, "--max-steps", "2", "--no-packing", "--dbfs-output-dir", str(dbfs)
+        )
+    )
+    assert_finished(result)
+    assert "Batching with DataCollatorForCompletionOnlyLM" in result.log
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
     copied = sorted(p.name for p in dbfs.iterdir())
     assert copied == sorted(p.name for p in out.iterdir() if not p.name.startswith("checkpoint-"))
     assert (dbfs / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
-    packed = run_trainer(quick_training_args(tiny_model_dir, sample_path, tmp_path / "packed", "--max-steps", "1"))
-    assert_ok(packed)
-    assert "Batching with DataCollatorForPackedCompletionOnlyLM" in packed.stderr
+    packed = invoke_trainer(quick_training_args(tiny_model_dir, sample_path, tmp_path / "packed", "--max-steps", "1"))
+    assert_finished(packed)
+    assert "Batching with DataCollatorForPackedCompletionOnlyLM" in packed.log
 
 
 def test_bad_record_stops_the_cli_with_file_line_and_field(tiny_model_dir, sample_path, tmp_path):
     data = tmp_path / "bad.jsonl"
     lines = sample_path.read_text().splitlines()[:5] + ['{"instruction": "x", "response": 5}']
     data.write_text("\n".join(lines) + "\n")
-    result = run_trainer(quick_training_args(tiny_model_dir, data, tmp_path / "out"))
-    assert result.returncode != 0
-    assert f"{data}, line 6: field 'response' must be a string, got int" in result.stderr
+    result = invoke_trainer(quick_training_args(tiny_model_dir, data, tmp_path / "out"))
+    assert result.exit_code != 0
+    assert f"{data}, line 6: field 'response' must be a string, got int" in result.log
 
 
 @pytest.mark.parametrize("value, expected", [("1000", 1000), ("0.1", 0.1), ("0", 0)])
@@ -130,15 +136,23 @@ def test_test_size_rejects_nonsense(value):
         (["--per-device-train-batch-size", "0"], "Invalid value for '--per-device-train-batch-size'"),
     ],
 )
-def test_bad_option_values_stop_before_anything_starts_naming_the_option(tiny_model_dir, sample_path, tmp_path,
-                                                                         extra, expected, monkeypatch):
+def test_bad_option_values_stop_before_anything_starts_naming_the_option(
+    tiny_model_dir, sample_path, tmp_path, extra, expected, monkeypatch
+):
     from click.testing import CliRunner
 
     from training.trainer import main
 
     monkeypatch.chdir(PROJECT_ROOT)
-    args = ["--input-model", str(tiny_model_dir), "--training-dataset", str(sample_path),
-            "--local-output-dir", str(tmp_path / "out"), *extra]
+    args = [
+        "--input-model",
+        str(tiny_model_dir),
+        "--training-dataset",
+        str(sample_path),
+        "--local-output-dir",
+        str(tmp_path / "out"),
+        *extra,
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("Error")]

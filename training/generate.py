@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .instruct_pipeline import InstructionTextGenerationPipeline, get_special_token_id
-from .lora import is_adapter_dir, load_adapter_model
-from .quantization import quantization_config
+from .rank.lora import is_adapter_dir, load_adapter_model
+from .rank.quantization import quantization_config
+from .saved_model.instruct_pipeline import InstructionTextGenerationPipeline, get_special_token_id
 
 __all__ = [
     "InstructionTextGenerationPipeline",

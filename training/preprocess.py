@@ -8,14 +8,15 @@ prompt on its own, so a context that itself contains the text ``### Response:`` 
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from .consts import DEFAULT_SEED, DEFAULT_TRAINING_DATASET, RESPONSE_KEY_NL
 from .data import DatasetRecordError, load_training_dataset
-from .prompts import format_generation_prompt
+from .saved_model.consts import DEFAULT_SEED, DEFAULT_TRAINING_DATASET, RESPONSE_KEY_NL
+from .saved_model.prompts import format_generation_prompt
 
 logger = logging.getLogger(__name__)
 

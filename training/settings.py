@@ -1,13 +1,13 @@
 """One place for a training run's settings.
 
-Every option of ``python -m training.trainer`` is a field of :class:`TrainSettings`: its one default is there, and
-the docstring under it is the option's ``--help``. From the dataclass come
+Every option of ``python -m training.trainer`` is a field of :class:`TrainSettings`: its one default and its
+``--help`` text are there (``setting(default, help=...)``). From the dataclass come
 
 - the click options (:func:`click_options`), named and defaulted as Dolly's CLI has them;
 - ``train(**kwargs)``: Dolly's keywords build the same dataclass, with the same checks as the command line;
 - the notebook's GPU families and fine-tuning methods, written as overrides of it and turned into the trainer's
   flags by :func:`command_line`;
-- ``run_config.json``, which records it, and ``--config``, which replays it (:mod:`training.run_record`).
+- ``run_config.json``, which records it, and ``--config``, which replays it (:mod:`training.rank.run_record`).
 
 A value is checked once, by its field's ``check``: the CLI reports ``Invalid value for '--lr': must be above 0``,
 ``train(lr=0)`` raises :class:`SettingsError` naming the keyword and the option.
@@ -15,20 +15,20 @@ A value is checked once, by its field's ``check``: the CLI reports ``Invalid val
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
 import json
 import types
 import typing
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Union
+from typing import Any, Union
 
 import click
 from click.core import ParameterSource
 
-from .consts import DEFAULT_INPUT_MODEL, DEFAULT_SEED, DEFAULT_TRAINING_DATASET
+from .columns import normalize_columns
+from .saved_model.consts import DEFAULT_INPUT_MODEL, DEFAULT_SEED, DEFAULT_TRAINING_DATASET
 
 
 class SettingsError(ValueError):
@@ -36,6 +36,7 @@ class SettingsError(ValueError):
 
 
 # ---- what a value must be (each raises ValueError with a message that reads after the option's name) ----
+
 
 def above_zero(value: float) -> None:
     if not value > 0:
@@ -45,6 +46,11 @@ def above_zero(value: float) -> None:
 def at_least_one(value: int) -> None:
     if value < 1:
         raise ValueError(f"must be at least 1, got {value}")
+
+
+def not_negative(value: int) -> None:
+    if value < 0:
+        raise ValueError(f"must not be negative, got {value}")
 
 
 def json_object_file(value: str | None) -> None:
@@ -84,6 +90,7 @@ def parse_module_names(value: str | Iterable[str]) -> tuple[str, ...]:
 class OptionSpec:
     """How a field appears on the command line, and what its value must be."""
 
+    help: str = ""  # the option's --help text
     flag: str | None = None  # the option's name when it is not --field-name (Dolly's --local_rank)
     kind: str = "value"  # value: --name VALUE; switch: --name/--no-name; flag: --name alone turns it on
     click_type: Any = None  # default: from the field's type
@@ -102,86 +109,118 @@ class OptionSpec:
         return value
 
 
-def setting(default: Any = dataclasses.MISSING, **spec: Any) -> Any:
-    """A settings field with its default and its command-line spec."""
-    return field(default=default, metadata={"option": OptionSpec(**spec)})
+def setting(default: Any = dataclasses.MISSING, *, help: str, **spec: Any) -> Any:  # noqa: A002 (click's name)
+    """A settings field with its default, its help text and its command-line spec."""
+    return field(default=default, metadata={"option": OptionSpec(help=help, **spec)})
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainSettings:
     """Everything that decides what a training run does (Dolly's options first, with Dolly's defaults)."""
 
-    input_model: str = setting(DEFAULT_INPUT_MODEL)
-    """Input model to fine tune: a hub name or a local folder."""
-    local_output_dir: str = setting()
-    """Write directly to this local path."""
-    dbfs_output_dir: str | None = setting(None, replayed=False)
-    """Sync data to this path on DBFS."""
-    epochs: float = setting(3, check=above_zero)
-    """Number of epochs to train for."""
-    per_device_train_batch_size: int = setting(8, check=at_least_one)
-    """Batch size to use for training."""
-    per_device_eval_batch_size: int = setting(8, check=at_least_one)
-    """Batch size to use for evaluation."""
-    test_size: float | int = setting(1000, click_type=click.STRING, parse=parse_test_size)
-    """Records held out for evaluation: a count, or a ratio below 1."""
-    warmup_steps: int | None = setting(None)
-    """Number of steps to warm up to learning rate."""
-    logging_steps: int = setting(10, check=at_least_one)
-    """How often to log."""
-    eval_steps: int = setting(50, check=at_least_one)
-    """How often to run evaluation on test records."""
-    save_steps: int = setting(400, check=at_least_one)
-    """How often to checkpoint the model."""
-    save_total_limit: int = setting(10)
-    """Maximum number of checkpoints to keep on disk."""
-    lr: float = setting(1e-5, check=above_zero)
-    """Learning rate to use for training."""
-    seed: int = setting(DEFAULT_SEED)
-    """Seed to use for training."""
-    deepspeed: str | None = setting(None, check=json_object_file)
-    """Path to deepspeed config file."""
-    training_dataset: str = setting(DEFAULT_TRAINING_DATASET)
-    """Hub dataset name, local folder, or .jsonl/.json/.parquet file of dolly records."""
-    gradient_checkpointing: bool = setting(True, kind="switch")
-    """Use gradient checkpointing?"""
-    local_rank: str | int | None = setting(None, flag="--local_rank", click_type=click.STRING, replayed=False)
-    """Provided by deepspeed to identify which instance this process is when performing multi-GPU training."""
-    bf16: bool | None = setting(None)
-    """Whether to use bf16 (preferred on A100's); default: bf16 where the GPU has it, fp16 on older GPUs, fp32 on CPU."""
+    input_model: str = setting(DEFAULT_INPUT_MODEL, help="Input model to fine tune: a hub name or a local folder.")
+    local_output_dir: str = setting(help="Write directly to this local path.")
+    dbfs_output_dir: str | None = setting(None, replayed=False, help="Sync data to this path on DBFS.")
+    epochs: float = setting(3, check=above_zero, help="Number of epochs to train for.")
+    per_device_train_batch_size: int = setting(8, check=at_least_one, help="Batch size to use for training.")
+    per_device_eval_batch_size: int = setting(8, check=at_least_one, help="Batch size to use for evaluation.")
+    test_size: float | int = setting(
+        1000,
+        click_type=click.STRING,
+        parse=parse_test_size,
+        help="Records held out for evaluation: a count, or a ratio below 1.",
+    )
+    warmup_steps: int | None = setting(None, help="Number of steps to warm up to learning rate.")
+    logging_steps: int = setting(10, check=at_least_one, help="How often to log.")
+    eval_steps: int = setting(50, check=at_least_one, help="How often to run evaluation on test records.")
+    save_steps: int = setting(400, check=at_least_one, help="How often to checkpoint the model.")
+    save_total_limit: int = setting(10, help="Maximum number of checkpoints to keep on disk.")
+    lr: float = setting(1e-5, check=above_zero, help="Learning rate to use for training.")
+    seed: int = setting(DEFAULT_SEED, help="Seed to use for training.")
+    deepspeed: str | None = setting(None, check=json_object_file, help="Path to deepspeed config file.")
+    training_dataset: str = setting(
+        DEFAULT_TRAINING_DATASET,
+        help="Hub dataset name, local folder, or .jsonl/.json/.csv/.parquet file of dolly records.",
+    )
+    gradient_checkpointing: bool = setting(True, kind="switch", help="Use gradient checkpointing?")
+    local_rank: str | int | None = setting(
+        None,
+        flag="--local_rank",
+        click_type=click.STRING,
+        replayed=False,
+        help="Provided by deepspeed to identify which instance this process is when performing multi-GPU training.",
+    )
+    bf16: bool | None = setting(
+        None,
+        help="Whether to use bf16 (preferred on A100's); default: bf16 where the GPU has it, fp16 on older GPUs, fp32 on CPU.",
+    )
     # ---- beyond Dolly ----
-    gradient_accumulation_steps: int = setting(1, check=at_least_one)
-    """Micro-batches per optimizer step."""
-    max_length: int | None = setting(None)
-    """Longest record in tokens; default: the model's own, else 1024."""
-    max_steps: int = setting(-1)
-    """Stop after this many optimizer steps (overrides --epochs)."""
-    packing: bool = setting(True, kind="switch")
-    """Pack records into rows without padding (falls back to length-grouped batches where unsupported)."""
-    resume: bool = setting(False, kind="switch", replayed=False)
-    """Continue from the latest complete checkpoint."""
-    overwrite_output_dir: bool = setting(False, kind="flag", replayed=False)
-    """Start again in a non-empty output dir."""
-    trust_remote_code: bool = setting(False, kind="flag")
-    """Run code shipped with the model repo."""
-    lora_r: int = setting(0)
-    """LoRA rank; 0 (the default) fine-tunes every weight."""
-    lora_alpha: int = setting(32)
-    """LoRA scaling numerator (alpha / r)."""
-    lora_dropout: float = setting(0.0)
-    """Dropout on the LoRA path (costs activation memory)."""
-    lora_target_modules: tuple[str, ...] = setting((), click_type=click.STRING, parse=parse_module_names)
-    """Comma-separated module names; default: per architecture."""
-    load_in_4bit: bool = setting(False, kind="flag")
-    """QLoRA: load the frozen base in 4-bit NF4."""
-    load_in_8bit: bool = setting(False, kind="flag")
-    """QLoRA: load the frozen base in 8-bit."""
-    merge_lora: bool = setting(True, kind="switch")
-    """Save a merged model (default) or the adapter only."""
-    mlflow: bool = setting(True, kind="switch")
-    """Log the run to MLflow from rank 0 (where MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_NAME say)."""
-    register_model: str | None = setting(None)
-    """Also register the logged model in MLflow's model registry under this name."""
+    gradient_accumulation_steps: int = setting(1, check=at_least_one, help="Micro-batches per optimizer step.")
+    max_length: int | None = setting(None, help="Longest record in tokens; default: the model's own, else 1024.")
+    max_steps: int = setting(-1, help="Stop after this many optimizer steps (overrides --epochs).")
+    packing: bool | None = setting(
+        None,
+        kind="switch",
+        help="Pack records into rows without padding. Default: where the model supports it and passes the packing "
+        "self-check (else length-grouped padded batches); --packing insists (refuses otherwise); --no-packing pads.",
+    )
+    balance_ranks: bool = setting(
+        True,
+        kind="switch",
+        help="Split each optimizer step's records over the ranks and accumulation steps so that each gets about the "
+        "same number of tokens (the same records per step and the same update, less waiting for the slowest rank).",
+    )
+    resume: bool = setting(False, kind="switch", replayed=False, help="Continue from the latest complete checkpoint.")
+    overwrite_output_dir: bool = setting(
+        False, kind="flag", replayed=False, help="Start again in a non-empty output dir."
+    )
+    trust_remote_code: bool = setting(False, kind="flag", help="Run code shipped with the model repo.")
+    lora_r: int = setting(0, help="LoRA rank; 0 (the default) fine-tunes every weight.")
+    lora_alpha: int = setting(32, help="LoRA scaling numerator (alpha / r).")
+    lora_dropout: float = setting(0.0, help="Dropout on the LoRA path (costs activation memory).")
+    lora_target_modules: tuple[str, ...] = setting(
+        (),
+        click_type=click.STRING,
+        parse=parse_module_names,
+        help="Comma-separated module names; default: per architecture.",
+    )
+    load_in_4bit: bool = setting(False, kind="flag", help="QLoRA: load the frozen base in 4-bit NF4.")
+    load_in_8bit: bool = setting(False, kind="flag", help="QLoRA: load the frozen base in 8-bit.")
+    merge_lora: bool = setting(True, kind="switch", help="Save a merged model (default) or the adapter only.")
+    mlflow: bool = setting(
+        True,
+        kind="switch",
+        help="Log the run to MLflow from rank 0 (where MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_NAME say).",
+    )
+    tensorboard: bool = setting(True, kind="switch", help="Write TensorBoard logs to OUTPUT/runs (rank 0).")
+    columns: str | None = setting(
+        None,
+        parse=normalize_columns,
+        help="Your data's columns for the dolly fields: instruction=question,context=passage,response=answer (fields not "
+        "named keep dolly's names), or alpaca (instruction, input, output); default: dolly's own.",
+    )
+    register_model: str | None = setting(
+        None, help="Also register the logged model in MLflow's model registry under this name."
+    )
+    eval_answers: int = setting(
+        4,
+        check=not_negative,
+        help="Held-out instructions answered greedily at each evaluation: their stop rate is logged as eval_stop_rate, "
+        "the answers go to MLflow and TensorBoard; 0 turns this off.",
+    )
+    eval_answer_tokens: int = setting(64, check=at_least_one, help="Longest sample answer, in new tokens.")
+    stop_grace_period: float = setting(
+        90.0,
+        check=above_zero,
+        help="Seconds a stop (SIGTERM, SIGINT) may take to finish the step and write its checkpoint before the run "
+        "ends at once; 90 fits inside a 2-minute spot-reclaim notice.",
+    )
+    disk_check: bool = setting(
+        True,
+        kind="switch",
+        help="Before loading the model, refuse a run whose checkpoints and finished model cannot fit in the output's "
+        "free space.",
+    )
 
     def __post_init__(self) -> None:
         for item in fields(self):
@@ -203,12 +242,22 @@ class TrainSettings:
         if self.load_in_4bit and self.load_in_8bit:
             raise SettingsError("choose one of --load-in-4bit and --load-in-8bit")
 
+    def overrides(self) -> dict[str, Any]:
+        """The settings whose values differ from their defaults: what a command line must say to make these settings
+        (``command_line(settings.overrides())`` parses back to ``settings``)."""
+        return {
+            item.name: getattr(self, item.name) for item in fields(self) if getattr(self, item.name) != item.default
+        }
+
     def to_json_dict(self) -> dict[str, Any]:
         """Every setting, as JSON values (tuples as lists)."""
-        return {key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(self).items()}
+        return {
+            key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(self).items()
+        }
 
 
 # ---- reading the dataclass ----
+
 
 def option_spec(item: dataclasses.Field) -> OptionSpec:
     return item.metadata["option"]
@@ -230,23 +279,6 @@ def replayed_names() -> set[str]:
 def default_of(item: dataclasses.Field) -> Any:
     """A field's default (``dataclasses.MISSING`` for a required one)."""
     return item.default
-
-
-def field_docs(cls: type = TrainSettings) -> dict[str, str]:
-    """The docstring under each field of a dataclass (attribute docstrings, read from the source)."""
-    tree = ast.parse(inspect.getsource(cls)).body[0]
-    docs: dict[str, str] = {}
-    body = tree.body
-    for statement, following in zip(body, body[1:]):
-        if (
-            isinstance(statement, ast.AnnAssign)
-            and isinstance(statement.target, ast.Name)
-            and isinstance(following, ast.Expr)
-            and isinstance(following.value, ast.Constant)
-            and isinstance(following.value.value, str)
-        ):
-            docs[statement.target.id] = " ".join(following.value.value.split())
-    return docs
 
 
 def _plain_type(item: dataclasses.Field) -> Any:
@@ -287,12 +319,11 @@ def click_options(command: Callable) -> Callable:
     Value options have no click default: a value not given on the command line comes from the dataclass (or from
     ``--config``), so the default lives in one place. ``--help`` shows it.
     """
-    docs = field_docs()
     for item in reversed(setting_fields()):
         spec = option_spec(item)
         name = option_name(item)
         default = default_of(item)
-        help_text = docs.get(item.name, "")
+        help_text = spec.help
         if spec.kind == "switch":
             decls = [f"{name}/--no-{name.removeprefix('--')}"]
             extra: dict[str, Any] = {"default": default, "show_default": True}
@@ -332,6 +363,8 @@ def command_line(overrides: dict[str, Any]) -> list[str]:
             continue
         value, spec, option = overrides[name], option_spec(item), option_name(item)
         if value in (None, False) and value is default_of(item) and spec.kind != "switch":
+            continue
+        if spec.kind == "switch" and value is None:  # a switch left to its default needs no flag
             continue
         if spec.kind == "switch":
             args.append(option if value else f"--no-{option.removeprefix('--')}")

@@ -1,0 +1,271 @@
+"""Starting a launch plan's processes from the notebook, and telling the truth about how they ended.
+
+The DeepSpeed launcher's and torchrun's command lines are written here, from the plan, where they are started (Spark's
+path is ``training.driver.spark``). The launcher's output is streamed through unchanged (progress bars included) while
+its tail is kept. If it fails, the error names the failing rank's exception, not a later "no model found"; if it
+exits 0, the output folder must hold a finished model.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import json
+import logging
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, TypeVar
+
+from ..rank.checkpoints import checkpoint_step, list_checkpoints
+from ..rank.saving import is_finished_output
+from ..rank.stopping import STOP_FILE_NAME
+from ..settings import command_line
+from .plan import LaunchPlan, free_port
+
+__all__ = [
+    "TrainingFailedError",
+    "TrainingStopped",
+    "free_port",
+    "launch_training",
+    "launcher_command",
+    "request_stop",
+    "run_launcher",
+]
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+TAIL_LINES = 400
+RANK_EXIT = re.compile(r"exits with return code = (-?\d+)")
+# What a failing rank prints last: an exception line (``module.Name: message``) or a native abort.
+ERROR_LINE = re.compile(
+    r"^(?:\[rank\d+\]: )?((?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Exit|Interrupt)\b.*"
+    r"|terminate called.*|Fatal Python error.*)$"
+)
+
+
+class TrainingFailedError(RuntimeError):
+    """The training launcher failed, or said it succeeded without a finished model."""
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on request, after a complete checkpoint: run it again with ``--resume``."""
+
+
+@contextlib.contextmanager
+def signals_as_interrupt() -> Iterator[None]:
+    """Inside the block, SIGTERM and SIGINT to this process raise ``KeyboardInterrupt`` and nothing else (a job
+    scheduler's stop is a stop; and PySpark's own SIGINT handler, which cancels every Spark job, waits outside)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def request_stop(output_dir: str | os.PathLike) -> Path:
+    """Ask every rank of the run writing to ``output_dir`` to stop after its step: the stop file rank 0 checks at
+    each step's end (the folder is on storage every node sees)."""
+    path = Path(output_dir) / STOP_FILE_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"requested_by": f"pid {os.getpid()} on {socket.gethostname()}", "at": time.time()}))
+    return path
+
+
+def wait_stopping_on_interrupt(
+    wait: Callable[[], T], output_dir: str | os.PathLike, *, stop_at_once: Callable[[], None]
+) -> tuple[T, bool]:
+    """``wait()`` for a launch to end. The first interrupt asks its ranks to stop after their step (and waits on);
+    a second calls ``stop_at_once``. Returns what ``wait`` returned and whether a stop was asked for."""
+    stop_requested = False
+    try:
+        with signals_as_interrupt():
+            while True:
+                try:
+                    return wait(), stop_requested
+                except KeyboardInterrupt:
+                    if stop_requested:
+                        logger.warning("Interrupted again: stopping the launch at once")
+                        stop_at_once()
+                        continue
+                    stop_requested = True
+                    request_stop(output_dir)
+                    logger.warning(
+                        "Interrupted: the ranks stop after their current step and write a checkpoint there "
+                        "(interrupt again to stop at once)"
+                    )
+    finally:
+        if stop_requested:
+            (Path(output_dir) / STOP_FILE_NAME).unlink(missing_ok=True)
+
+
+def stopped_error(output_dir: str | os.PathLike, how: str) -> TrainingStopped:
+    """The error a stopped launch raises: where it stopped, and how to go on."""
+    complete = list_checkpoints(output_dir)
+    where = f"stopped at step {checkpoint_step(complete[-1])}" if complete else "stopped before its first checkpoint"
+    return TrainingStopped(
+        f"training {where} ({how}): run again with --resume and --local-output-dir {output_dir} to continue (in the "
+        f"notebook: resume_run={Path(output_dir).name})"
+    )
+
+
+def _tee(source: IO[bytes], sink: IO[str], tail: deque[str]) -> None:
+    """Copy ``source`` to ``sink`` as it arrives (carriage returns kept), remembering its last lines."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending = ""
+    while chunk := source.read1(65536):
+        text = decoder.decode(chunk)
+        sink.write(text)
+        sink.flush()
+        pending += text
+        *lines, pending = re.split(r"[\r\n]", pending)
+        tail.extend(line for line in lines if line.strip())
+    if pending.strip():
+        tail.append(pending)
+
+
+def failure_summary(lines: list[str]) -> str:
+    """The failing rank's error from the launcher's last lines: its exception (with the traceback lines before it)
+    and which rank processes exited with which code."""
+    error_at = [i for i, line in enumerate(lines) if ERROR_LINE.match(line)]
+    parts = []
+    if error_at:
+        last = error_at[-1]
+        start = max(
+            (i for i, line in enumerate(lines[: last + 1]) if "Traceback (most recent call last)" in line),
+            default=max(0, last - 1),
+        )
+        parts.append("\n".join(lines[max(start, last - 12) : last + 1]))
+    exits = [line.strip() for line in lines if RANK_EXIT.search(line)]
+    if exits:
+        parts.append("\n".join(exits[-4:]))
+    return "\n".join(parts) or "\n".join(lines[-20:])
+
+
+def run_launcher(command: list[str], output_dir: str | os.PathLike, *, cwd: Path, env: dict[str, str]) -> None:
+    """Run ``command``, streaming its output; raise ``TrainingFailedError`` unless it leaves a finished model.
+
+    An interrupt (Ctrl-C, an interrupted notebook cell, SIGTERM to this process) asks the ranks to stop after their
+    step and waits for them: the launcher exits only after every rank, and ``TrainingStopped`` says at which step.
+    A second interrupt stops the launch at once (its process group, SIGTERM then SIGKILL).
+    """
+    logger.info("Launching: %s", shlex.join(command))
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    # A session of its own: a terminal's Ctrl-C reaches this process only, which stops the ranks its own way.
+    process = subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    readers = [
+        threading.Thread(target=_tee, args=(process.stdout, sys.stdout, tail), daemon=True),
+        threading.Thread(target=_tee, args=(process.stderr, sys.stderr, tail), daemon=True),
+    ]
+    for reader in readers:
+        reader.start()
+    try:
+        returncode, stop_requested = wait_stopping_on_interrupt(
+            process.wait, output_dir, stop_at_once=lambda: end_process_group(process)
+        )
+    except BaseException:
+        end_process_group(process)
+        raise
+    for reader in readers:
+        reader.join()
+    if stop_requested and returncode != 0:
+        raise stopped_error(output_dir, f"the launcher exited with code {returncode}")
+    if returncode != 0:
+        raise TrainingFailedError(
+            f"training failed (the launcher exited with code {returncode}). The failing rank reported:\n"
+            f"{failure_summary(list(tail))}"
+        )
+    if not is_finished_output(output_dir):
+        raise TrainingFailedError(f"the launcher exited 0 but {output_dir} holds no finished model")
+    logger.info("Training finished: %s", output_dir)
+
+
+def end_process_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Stop a launcher and everything it started at once: SIGTERM to its process group, SIGKILL to what is left."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+TRAINER_MODULE = "training.trainer"
+
+
+def launcher_command(plan: LaunchPlan) -> list[str]:
+    """The command that starts ``plan`` on this node: ``deepspeed ... --module training.trainer FLAGS`` or
+    ``torchrun ... -m training.trainer FLAGS``, the flags written from the plan's settings."""
+    port = str(plan.rendezvous_port())
+    if plan.launcher == "deepspeed":
+        command = [launcher_executable("deepspeed")]
+        if plan.processes_per_node is not None:
+            command.append(f"--num_gpus={plan.processes_per_node}")
+        command += ["--master_port", port, "--module", TRAINER_MODULE]
+    elif plan.launcher == "torchrun":
+        per_node = str(plan.processes_per_node) if plan.processes_per_node is not None else "gpu"
+        command = [
+            launcher_executable("torchrun"),
+            "--nnodes",
+            "1",
+            "--nproc-per-node",
+            per_node,
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            port,
+            "-m",
+            TRAINER_MODULE,
+        ]
+    else:
+        raise ValueError(
+            f"launcher '{plan.launcher}' is not started from a command line here (see training.driver.spark)"
+        )
+    return command + command_line(plan.settings.overrides())
+
+
+def launcher_executable(name: str) -> str:
+    """The environment's own launcher script (beside its python, even when that folder is not on PATH), else ``name``."""
+    beside_python = Path(sys.executable).parent / name
+    return str(beside_python) if beside_python.exists() else name
+
+
+def launch_training(plan: LaunchPlan, *, spark=None) -> None:
+    """Run ``plan``: its launcher on this node, streaming its output, or on Spark's workers (``spark``: the session).
+
+    Raises ``TrainingFailedError`` with the failing rank's error if training fails, or if the launch ends without a
+    finished model in the plan's output folder.
+    """
+    if plan.launcher == "spark":
+        from .spark import train_on_spark
+
+        train_on_spark(plan, spark)
+        return
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(PROJECT_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    run_launcher(launcher_command(plan), plan.output_dir, cwd=PROJECT_ROOT, env=env)

@@ -1,0 +1,243 @@
+"""The Hugging Face Trainer as a run uses it: its arguments, built once from the settings, and the Trainer itself."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.integrations import TensorBoardCallback
+from transformers.trainer_pt_utils import BatchRebalanceSampler, LengthGroupedSampler
+
+from ..settings import TrainSettings
+from .checkpoints import CheckpointCompletion
+from .deepspeed_config import deepspeed_config_for
+from .distributed import accelerator_config_for, is_main_process
+from .eval_answers import EvalAnswers, log_answers, sample_prompts
+from .packing import Batching, DataCollatorForPackedCompletionOnlyLM, packed_batches, unwrap
+from .packing_check import check_records
+from .run_record import RunRecorder
+from .saving import save_failed
+from .stopping import StopAtStepEnd, StopRequests
+
+if TYPE_CHECKING:
+    from .prepare import PreparedRun
+
+logger = logging.getLogger(__name__)
+
+
+def training_arguments(settings: TrainSettings, precision: str, *, load_universal: bool = False) -> TrainingArguments:
+    """The Hugging Face ``TrainingArguments`` for a run's settings, in the precision chosen for this machine.
+
+    Built once per run, before the model is loaded (under ZeRO-3 they start the process group and the DeepSpeed
+    config that loading the model straight into partitions needs), and never changed: nothing in them depends on
+    the model or on the batching chosen for it. ``load_universal``: the run resumes from DeepSpeed's universal
+    checkpoint (on another number of ranks, see training/rank/elastic.py).
+    """
+    gradient_checkpointing = settings.gradient_checkpointing
+    return TrainingArguments(
+        output_dir=settings.local_output_dir,
+        per_device_train_batch_size=settings.per_device_train_batch_size,
+        per_device_eval_batch_size=settings.per_device_eval_batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        fp16=precision == "fp16",
+        bf16=precision == "bf16",
+        learning_rate=settings.lr,
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        deepspeed=deepspeed_config_for(settings.deepspeed, lora=settings.lora_r > 0, load_universal=load_universal),
+        accelerator_config=accelerator_config_for(settings.deepspeed),
+        activation_checkpointing=gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        logging_strategy="steps",
+        logging_steps=settings.logging_steps,
+        eval_strategy="steps" if settings.test_size else "no",
+        eval_steps=settings.eval_steps,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=None,  # rotation counts complete checkpoints only: see CheckpointCompletion
+        load_best_model_at_end=False,
+        report_to=[
+            name for name, wanted in (("tensorboard", settings.tensorboard), ("mlflow", settings.mlflow)) if wanted
+        ]
+        or "none",
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        prediction_loss_only=True,
+        warmup_steps=settings.warmup_steps or 0,
+        seed=settings.seed,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinned memory only helps copies to a GPU
+    )
+
+
+class DollyTrainer(Trainer):
+    """The Hugging Face Trainer, batching as the run chose (``batching``), with a checkpoint that cannot be written
+    reported as what it is, and the tokens per second since the last log in every training log (so MLflow and
+    TensorBoard show throughput per step)."""
+
+    _last_log: tuple[float, int] | None = None  # (time, input tokens seen) at the previous training log
+
+    def __init__(
+        self,
+        *args,
+        batching: Batching,
+        balance_ranks: bool = False,
+        eval_answers: EvalAnswers | None = None,
+        **kwargs,
+    ):
+        super().__init__(*args, data_collator=batching.collator, **kwargs)
+        self.batching = batching
+        self.balance_ranks = balance_ranks
+        self.eval_answers = eval_answers
+        self.balanced_sampler: BatchRebalanceSampler | None = None
+
+    def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
+        """The held-out loss, and at each evaluation (not for ``predict``) the sample answers' stop rate beside it."""
+        output = super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
+        if self.eval_answers is not None and metric_key_prefix == "eval":
+            rate, answers, seconds = self.eval_answers.evaluate(self.model, self.state.global_step)
+            output.metrics[f"{metric_key_prefix}_stop_rate"] = rate
+            output.metrics[f"{metric_key_prefix}_answers_seconds"] = round(seconds, 2)
+            if is_main_process():
+                log_answers(answers, self.state.global_step, self._tensorboard_writer())
+        return output
+
+    def _tensorboard_writer(self):
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
+                return callback.tb_writer
+        return None
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.balance_ranks:
+            packed = isinstance(self.batching.collator, DataCollatorForPackedCompletionOnlyLM)
+            hidden_size = unwrap(self.model).config.get_text_config().hidden_size if packed else None
+            self.balanced_sampler = balanced_sampler(dataset, self.args, hidden_size=hidden_size)
+            return self.balanced_sampler
+        if self.batching.group_by_length:
+            return LengthGroupedSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                dataset=train_dataset if train_dataset is not None else self.train_dataset,
+                model_input_name="input_ids",
+            )
+        return super()._get_train_sampler(train_dataset)
+
+    def train(self, *args, **kwargs):
+        self._last_log = None
+        return super().train(*args, **kwargs)
+
+    def _run_epoch(self, model, epoch, *args, **kwargs):
+        # The balanced sampler shuffles by epoch. The Trainer sets the epoch through accelerate's wrappers, which do
+        # not reach it after a resume has wrapped it once more to skip batches: set it here, for every epoch.
+        if self.balanced_sampler is not None:
+            self.balanced_sampler.set_epoch(epoch)
+        return super()._run_epoch(model, epoch, *args, **kwargs)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self.args.include_num_input_tokens_seen != "no":
+            now, seen = time.time(), self.state.num_input_tokens_seen  # the clock of start_time
+            since = self._last_log or (start_time or now, getattr(self, "_initial_num_input_tokens_seen", 0))
+            if now > since[0]:
+                logs["tokens_per_second"] = round((seen - since[1]) / (now - since[0]), 1)
+            self._last_log = (now, seen)
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as err:
+            checkpoint = f"checkpoint-{self.state.global_step}"
+            raise save_failed(err, checkpoint, Path(self.args.output_dir)) from err
+
+
+class PackedBatchRebalanceSampler(BatchRebalanceSampler):
+    """transformers' balancing for packed rows, which have no padding: a micro-batch costs its records' tokens plus
+    each record's own attention (``attention_weight`` x length², about 1 / (6 x hidden size) of a token's linear
+    layers), and records need not be of similar length to share one, so they are dealt out greedily (the longest
+    first, each to the cheapest micro-batch so far). The step's records and the slots' order are transformers'."""
+
+    def __init__(self, *args, attention_weight: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.attention_weight = attention_weight
+
+    def _assign(self, indices, lengths):
+        parts = self.dp_size * self.grad_accum
+        groups: list[list[int]] = [[] for _ in range(parts)]
+        costs = [0.0] * parts
+        for index, length in sorted(zip(indices, lengths), key=lambda pair: -pair[1]):
+            cheapest = min(range(parts), key=costs.__getitem__)
+            groups[cheapest].append(index)
+            costs[cheapest] += length + self.attention_weight * length * length
+        ranked = sorted(range(parts), key=lambda group: -costs[group])  # as transformers deals its groups out
+        return [
+            [groups[ranked[slot * self.dp_size + rank]] for slot in range(self.grad_accum)]
+            for rank in range(self.dp_size)
+        ]
+
+
+def balanced_sampler(dataset, args: TrainingArguments, *, hidden_size: int | None = None) -> BatchRebalanceSampler:
+    """Each optimizer step's records (the same records as the Trainer's shuffled order gives a step) split over the
+    ranks and accumulation steps so that every micro-batch costs about the same: transformers'
+    ``BatchRebalanceSampler`` (records sorted by length, cut into groups of near-equal cost), with the cost of a
+    packed row where the run packs (``hidden_size``: the model's) and of a padded batch where it pads.
+
+    Seeded as the Trainer's own shuffle is (``data_seed``, else ``seed``, plus the epoch), so a step holds the same
+    records balanced or not and on any number of ranks; the Trainer's own ``batch_rebalance`` strategy seeds it with a
+    constant 42 instead.
+    """
+    world = max(1, args.world_size)
+    accumulation = args.gradient_accumulation_steps
+    common = dict(
+        lengths=[len(ids) for ids in dataset["input_ids"]],
+        effective_batch_size=args.train_batch_size * accumulation * world,
+        dp_size=world,
+        grad_accum=accumulation,
+        seed=args.data_seed if args.data_seed is not None else args.seed,
+        rank=args.process_index if world > 1 else 0,
+        drop_last=args.dataloader_drop_last,
+    )
+    if hidden_size is None:
+        return BatchRebalanceSampler(**common)
+    return PackedBatchRebalanceSampler(**common, attention_weight=1 / (6 * hidden_size))
+
+
+def run_training(prepared: PreparedRun, recorder: RunRecorder, stops: StopRequests) -> DollyTrainer:
+    """The second step of a run: train (from ``prepared.resume`` when resuming) and return the Trainer. A stop
+    request ends training after the optimizer step it comes in, with a checkpoint there (``stops.requested``).
+
+    Packed rows change the step (rows, attention, output layer): everything that differs is in training/rank/packing.py.
+    """
+    settings = prepared.settings
+    eval_answers = None
+    if settings.eval_answers and prepared.eval_dataset is not None:
+        chosen = [prepared.eval_dataset[i] for i in range(min(settings.eval_answers, prepared.eval_dataset.num_rows))]
+        eval_answers = EvalAnswers(
+            sample_prompts(chosen, prepared.tokenizer), prepared.tokenizer, settings.eval_answer_tokens
+        )
+    with packed_batches(
+        prepared.model,
+        prepared.tokenizer,
+        packing=settings.packing,
+        check_with=check_records(prepared.train_dataset),
+        precision=prepared.precision,
+    ) as batching:
+        trainer = DollyTrainer(
+            model=prepared.model,
+            processing_class=prepared.tokenizer,
+            args=prepared.args,
+            train_dataset=prepared.train_dataset,
+            eval_dataset=prepared.eval_dataset,
+            batching=batching,
+            balance_ranks=settings.balance_ranks,
+            eval_answers=eval_answers,
+            callbacks=[recorder, CheckpointCompletion(settings.save_total_limit, recorder.write), StopAtStepEnd(stops)],
+        )
+        logger.info("Training")
+        trainer.train(resume_from_checkpoint=str(prepared.resume.checkpoint) if prepared.resume else None)
+    if eval_answers is not None and is_main_process():
+        eval_answers.warn_if_never_stopped()
+    return trainer

@@ -1,0 +1,98 @@
+"""The third step of a run: the finished model, staged and moved into the output folder, then copied and tracked."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from transformers import Trainer
+
+from ..saved_model.model_card import CARD_NAME, LOSS_PLOT_NAME, write_model_card
+from .distributed import is_main_process
+from .lora import MERGED_ADAPTER_SUBDIR, merge_adapter
+from .run_record import RUN_CONFIG_NAME, RunRecorder
+from .saving import (
+    STAGING_PREFIX,
+    add_pipeline_to_config,
+    copy_to_dir,
+    publish_dir,
+    save_failed,
+    write_pipeline_code,
+)
+from .tracking import log_run_files
+
+if TYPE_CHECKING:
+    from .prepare import PreparedRun
+
+logger = logging.getLogger(__name__)
+
+STAGING_DIR_NAME = f"{STAGING_PREFIX}final"
+TRAINING_LOG_NAME = "trainer_state.json"
+
+
+def save_trained_model(
+    trainer: Trainer,
+    tokenizer,
+    output_dir: Path,
+    *,
+    merge_lora: bool = True,
+    trust_remote_code: bool = False,
+    recorder: RunRecorder | None = None,
+) -> None:
+    """Save model, tokenizer, generation config and pipeline code: staged first, then moved into place.
+
+    A LoRA run saves its adapter; merged (the default), the output is a plain model with the adapter in ``adapter/``.
+    """
+    staging = output_dir / STAGING_DIR_NAME
+    is_lora = hasattr(trainer.model, "peft_config")
+    if not is_lora:
+        add_pipeline_to_config(trainer.model, tokenizer)
+    logger.info("Saving %s to %s", "adapter" if is_lora else "model", output_dir)
+    trainer.save_model(output_dir=str(staging))  # collective under ZeRO-3: every rank takes part
+    if not is_main_process():
+        return
+    tokenizer.save_pretrained(staging)
+    if is_lora and merge_lora:
+        merged_staging = output_dir / f"{STAGING_DIR_NAME}-merged"
+        merged = merge_adapter(staging, tokenizer, trust_remote_code=trust_remote_code)
+        add_pipeline_to_config(merged, tokenizer)
+        merged.save_pretrained(merged_staging)
+        tokenizer.save_pretrained(merged_staging)
+        write_pipeline_code(merged_staging)
+        os.replace(staging, merged_staging / MERGED_ADAPTER_SUBDIR)
+        staging = merged_staging
+    elif not is_lora:
+        write_pipeline_code(staging)
+    trainer.state.save_to_json(str(staging / TRAINING_LOG_NAME))  # the loss history, next to the model
+    if recorder is not None:
+        recorder.write(staging)
+    write_model_card(staging, published_as=output_dir)
+    publish_dir(staging, output_dir)
+
+
+def publish(trainer: Trainer, prepared: PreparedRun, recorder: RunRecorder, tracking: Any) -> None:
+    """Save the finished model (all ranks), then its copy and its MLflow model (main process)."""
+    settings = prepared.settings
+    output_dir = Path(settings.local_output_dir)
+    try:
+        save_trained_model(
+            trainer,
+            prepared.tokenizer,
+            output_dir,
+            merge_lora=settings.merge_lora,
+            trust_remote_code=settings.trust_remote_code,
+            recorder=recorder,
+        )
+    except Exception as err:
+        raise save_failed(err, "the finished model", output_dir) from err
+    if settings.dbfs_output_dir and is_main_process():
+        copy_to_dir(output_dir, settings.dbfs_output_dir)
+    if tracking is not None:
+        from ..saved_model.mlflow_model import log_pipeline_model
+
+        log_run_files(tracking, output_dir, [RUN_CONFIG_NAME, CARD_NAME, LOSS_PLOT_NAME])
+        log_pipeline_model(output_dir, registered_model_name=settings.register_model)
+    trainer.accelerator.wait_for_everyone()  # no rank leaves while the main process is still writing
+    trainer.accelerator.free_memory()  # releases the DeepSpeed engine: its hooks, buffers and optimizer

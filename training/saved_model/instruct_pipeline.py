@@ -1,0 +1,141 @@
+"""The instruction-following text-generation pipeline.
+
+This module is copied next to every trained model (with ``consts.py`` and ``prompts.py``), so that
+``transformers.pipeline(model=OUT, trust_remote_code=True)`` returns this pipeline, as with the published dolly-v2
+models. It must therefore import nothing from this project but those two modules, and only by relative import.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from transformers import Pipeline, PreTrainedTokenizerBase
+
+from .consts import END_KEY, RESPONSE_KEY_NL
+from .prompts import format_generation_prompt
+
+logger = logging.getLogger(__name__)
+
+# Dolly's sampling settings, used when the pipeline samples (its default).
+SAMPLING_DEFAULTS = {"top_p": 0.92, "top_k": 0}
+# Used when the tokenizer lacks Dolly's special tokens: the response ends at the first "### End" in the text.
+END_KEY_PATTERN = re.compile(r"#+\s*End")
+
+
+def get_special_token_id(tokenizer: PreTrainedTokenizerBase, key: str) -> int:
+    """Token id of a special token that must encode to exactly one id, as Dolly's keys do after training."""
+    token_ids = tokenizer.encode(key, add_special_tokens=False)
+    if len(token_ids) > 1:
+        raise ValueError(f"Expected only a single token for '{key}' but found {token_ids}")
+    return token_ids[0]
+
+
+def has_dolly_special_tokens(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer was prepared for Dolly training (its keys are added single tokens)."""
+    added = tokenizer.get_added_vocab()
+    return END_KEY in added and RESPONSE_KEY_NL in added
+
+
+class InstructionTextGenerationPipeline(Pipeline):
+    """Answers instructions with the Dolly prompt template and stops at ``### End``.
+
+    Inputs are instruction strings, or dicts with ``instruction`` and optional ``context``, alone or in a list
+    (pass ``batch_size`` to generate several at once). Each input returns ``[{"generated_text": ...}]``.
+    """
+
+    _pipeline_calls_generate = True
+
+    def __init__(
+        self,
+        *args,
+        do_sample: bool = True,
+        max_new_tokens: int = 256,
+        top_p: float = SAMPLING_DEFAULTS["top_p"],
+        top_k: int = SAMPLING_DEFAULTS["top_k"],
+        **kwargs,
+    ):
+        sampling = {"top_p": top_p, "top_k": top_k} if do_sample else {}  # greedy: Dolly's sampling flags do not apply
+        super().__init__(*args, do_sample=do_sample, max_new_tokens=max_new_tokens, **sampling, **kwargs)
+        # Prompts of different lengths are batched by padding on the left, so every prompt ends where generation starts.
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    def _sanitize_parameters(
+        self, return_full_text: bool | None = None, return_finish_reason: bool | None = None, **kw
+    ):
+        postprocess_params: dict[str, Any] = {}
+        if return_full_text is not None:
+            postprocess_params["return_full_text"] = return_full_text
+        if return_finish_reason is not None:
+            postprocess_params["return_finish_reason"] = return_finish_reason
+        return {}, kw, postprocess_params
+
+    def _stop_token_ids(self) -> list[int]:
+        stop_ids = []
+        if has_dolly_special_tokens(self.tokenizer):
+            stop_ids.append(get_special_token_id(self.tokenizer, END_KEY))
+        if self.tokenizer.eos_token_id is not None:
+            stop_ids.append(self.tokenizer.eos_token_id)
+        return stop_ids
+
+    def preprocess(self, instruction: str | dict[str, str], **unused) -> dict[str, Any]:
+        if isinstance(instruction, dict):
+            instruction_text, context = instruction["instruction"], instruction.get("context")
+        else:
+            instruction_text, context = instruction, None
+        prompt_text = format_generation_prompt(instruction_text, context)
+        inputs = self.tokenizer(prompt_text, return_tensors="pt")
+        inputs["prompt_text"] = prompt_text
+        inputs["instruction_text"] = instruction_text
+        return inputs
+
+    def _forward(self, model_inputs: dict[str, Any], **generate_kwargs) -> dict[str, Any]:
+        input_ids = model_inputs["input_ids"]
+        attention_mask = model_inputs.get("attention_mask")
+        overrides = {"eos_token_id": self._stop_token_ids(), "pad_token_id": self.tokenizer.pad_token_id}
+        if generate_kwargs.get("do_sample") is False:  # greedy: Dolly's sampling defaults do not apply
+            generate_kwargs = {**generate_kwargs, **dict.fromkeys(SAMPLING_DEFAULTS)}
+        if hasattr(self, "_prepare_generate_kwargs"):
+            generate_kwargs = self._prepare_generate_kwargs(generate_kwargs, **overrides)
+        else:  # transformers releases before the generation-kwargs rework
+            generate_kwargs = {**generate_kwargs, **overrides}
+        sequences = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+        in_batch = input_ids.shape[0]
+        new_tokens = sequences[:, input_ids.shape[1] :]
+        new_tokens = new_tokens.reshape(in_batch, new_tokens.shape[0] // in_batch, *new_tokens.shape[1:])
+        return {"new_tokens": new_tokens, "instruction_text": model_inputs["instruction_text"]}
+
+    def _decode_response(self, tokens: list[int]) -> tuple[str, str]:
+        """The response text and why it ended: ``end_key``, ``eos`` or ``length``."""
+        if has_dolly_special_tokens(self.tokenizer):
+            end_id = get_special_token_id(self.tokenizer, END_KEY)
+            stops = {end_id: "end_key", self.tokenizer.eos_token_id: "eos", self.tokenizer.pad_token_id: "eos"}
+            for position, token in enumerate(tokens):
+                if token in stops:
+                    return self.tokenizer.decode(tokens[:position], skip_special_tokens=True).strip(), stops[token]
+            return self.tokenizer.decode(tokens, skip_special_tokens=True).strip(), "length"
+        # Without the special tokens (e.g. an untuned model), find the end key in the decoded text.
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        match = END_KEY_PATTERN.search(text)
+        if match:
+            return text[: match.start()].strip(), "end_key"
+        finish = "eos" if self.tokenizer.eos_token_id in tokens else "length"
+        return text.strip(), finish
+
+    def postprocess(
+        self, model_outputs: dict[str, Any], return_full_text: bool = False, return_finish_reason: bool = False
+    ) -> list[dict[str, str]]:
+        instruction_text = model_outputs["instruction_text"]
+        records = []
+        for sequence in model_outputs["new_tokens"][0].tolist():
+            decoded, finish_reason = self._decode_response(sequence)
+            if return_full_text:
+                decoded = f"{instruction_text}\n{decoded}"
+            record = {"generated_text": decoded}
+            if return_finish_reason:
+                record["finish_reason"] = finish_reason
+            records.append(record)
+        return records

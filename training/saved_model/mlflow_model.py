@@ -1,0 +1,92 @@
+"""The trained model as an MLflow model: a table of ``instruction`` (and optional ``context``) in, responses out.
+
+The model's folder is logged as an artifact and answered by this project's pipeline (which stops at ``### End``),
+so ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` give the answers ``generate_response`` gives.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+logger = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+MODEL_ARTIFACT = "model_dir"
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "instruction"), ColSpec("string", "context", required=False)]),
+    outputs=Schema([ColSpec("string")]),
+    params=ParamSchema(
+        [
+            ParamSpec("max_new_tokens", "long", 256),
+            ParamSpec("do_sample", "boolean", False),
+        ]
+    ),
+)
+
+
+class InstructionModel(mlflow.pyfunc.PythonModel):
+    """Answers each row's instruction (with its context, when given) through ``InstructionTextGenerationPipeline``."""
+
+    def load_context(self, context: Any) -> None:
+        from training.generate import load_model_tokenizer_for_generate
+        from training.saved_model.instruct_pipeline import InstructionTextGenerationPipeline
+
+        model, tokenizer = load_model_tokenizer_for_generate(context.artifacts[MODEL_ARTIFACT])
+        self.pipeline = InstructionTextGenerationPipeline(model=model, tokenizer=tokenizer)
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
+        params = {"max_new_tokens": 256, "do_sample": False, **(params or {})}
+        answers = []
+        for row in model_input.to_dict(orient="records"):
+            request = {"instruction": row["instruction"]}
+            if isinstance(row.get("context"), str) and row["context"]:
+                request["context"] = row["context"]
+            answers.append(self.pipeline(request, **params)[0]["generated_text"])
+        return answers
+
+
+def log_pipeline_model(model_dir: str | Path, *, registered_model_name: str | None = None) -> Any:
+    """Log ``model_dir`` to the active run as an MLflow model named ``model`` (and register it, when named).
+
+    The model is logged from code (this file), not pickled. No input example is given: MLflow would load the whole
+    model to check it, which for a 12B model means minutes and tens of GB on the driver; the signature says the
+    same.
+    """
+    import warnings
+
+    import transformers
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*An input example was not provided")
+        info = _log(model_dir, registered_model_name, transformers.__version__)
+    logger.info("Logged the model to MLflow: %s", info.model_uri)
+    return info
+
+
+def _log(model_dir: str | Path, registered_model_name: str | None, transformers_version: str) -> Any:
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=__file__,
+        artifacts={MODEL_ARTIFACT: str(model_dir)},
+        code_paths=[str(PROJECT_ROOT / "training")],
+        signature=SIGNATURE,
+        pip_requirements=[f"transformers=={transformers_version}", f"torch=={_torch_version()}", "accelerate"],
+        registered_model_name=registered_model_name,
+    )
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__.split("+")[0]
+
+
+# Logged from code: MLflow runs this file to build the model it serves.
+mlflow.models.set_model(InstructionModel())
