@@ -3,10 +3,12 @@
     python -m bench.profile_launcher [--model embedded] [--train-records 48] [--profile-steps 3:4]
 
 Each arm (Dolly's padded batches, our packing) runs in its own ``deepspeed --num_gpus 2`` launch of the real
-trainer CLI (through bench/profiled_trainer.py), once per variant:
+trainer CLI (through bench/profiled_trainer.py), once per variant (default: unbalanced, as shipped):
 
-- as shipped: the trainer's defaults (Dolly's activation checkpointing on; DeepSpeed's launcher leaves each CPU rank
-  at torch's default of one intra-op thread per core of the machine);
+- unbalanced: ``--no-balance-ranks``, each step's records dealt to the ranks in order, as Dolly's sampler does;
+- as shipped: the trainer's defaults (each step's records split so that every rank gets about the same tokens;
+  Dolly's activation checkpointing on; DeepSpeed's launcher leaves each CPU rank at torch's default of one intra-op
+  thread per core of the machine);
 - no checkpointing: ``--no-gradient-checkpointing``;
 - cores shared out: ``OMP_NUM_THREADS`` = cores / ranks, as ``torchrun`` and DeepSpeed's ``--bind_cores_to_rank`` set.
 

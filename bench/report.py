@@ -204,6 +204,34 @@ def profile_launcher_section(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def compile_section(r: dict[str, Any]) -> str:
+    c, arms = r["compile"], r["arms"]
+    lines = [
+        "### `torch.compile` on the packed path (`bench/throughput.py --arms ours,ours_compiled`)",
+        "",
+        f"Ours, eager and with the Trainer's `torch_compile` (inductor), on {model_label(r['model'])}, the same "
+        f"{arms['ours']['train_records']} real dolly records, one epoch, {r['batch_size']} records per step; each in "
+        f"its own process. Steady state = the median optimizer step after the first {c['warmup_steps_left_out']}.",
+        "",
+        "| arm | useful tokens/s, whole epoch | first step | steady step | held-out loss after |",
+        "|---|---|---|---|---|",
+    ]
+    for name in ("ours", "ours_compiled"):
+        a = arms[name]
+        lines.append(
+            f"| {name} | {a['useful_tokens_per_second']:.0f} | {c['first_step_seconds'][name]:.1f} s | "
+            f"{c['steady_step_seconds'][name]:.2f} s | {a['eval_loss']:.4f} |"
+        )
+    lines += [
+        "",
+        f"- compiled / eager, whole epoch: **{c['whole_training_speedup']:.2f}x**; steady steps: "
+        f"**{c['steady_step_speedup']:.2f}x**; held-out loss difference {c['eval_loss_difference']:+.1e}",
+        "",
+        provenance(r),
+    ]
+    return "\n".join(lines)
+
+
 MEMORY_KINDS = {
     "process max RSS": "the process's maximum resident set (weights, optimizer states, activations, allocator slack)",
     "torch.cuda.max_memory_allocated": "torch's peak GPU allocation",
@@ -324,6 +352,7 @@ SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "throughput": throughput_section,
     "throughput_deepspeed": throughput_deepspeed_section,
     "profile_launcher": profile_launcher_section,
+    "compile": compile_section,
     "scaling": scaling_section,
     "memory": memory_section,
     "launcher_exits": launcher_exits_section,

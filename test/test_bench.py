@@ -63,6 +63,8 @@ def test_throughput_and_memory_small(tiny_model_dir, sample_path, tmp_path, monk
     assert speed["arms"]["ours"]["useful_tokens"] == speed["arms"]["original"]["useful_tokens"]
     assert {"ratio_vs_original", "ratio_vs_trl", "eval_loss"} <= set(speed)
     assert (tmp_path / "throughput.png").exists()
+    ours = speed["arms"]["ours"]
+    assert len(ours["step_seconds"]) == ours["optimizer_steps"] and min(ours["step_seconds"]) > 0
 
     for arm in ("full", "lora"):
         assert mem[arm]["peak_memory_bytes"] > 0 and mem[arm]["tokens_per_second"] > 0
@@ -72,6 +74,34 @@ def test_throughput_and_memory_small(tiny_model_dir, sample_path, tmp_path, monk
     rendered = report.render(readme, results_dir=tmp_path)
     assert "old" not in rendered and "useful tokens/s" in rendered
     assert "<!-- bench:quality -->\n<!-- /bench:quality -->" in rendered  # no result file, no figures
+
+
+def test_the_compile_trial_compares_steady_steps_after_the_warmup(tmp_path):
+    def arm(steps: list[float], tokens_per_second: float, loss: float) -> dict:
+        return {
+            "step_seconds": steps,
+            "useful_tokens_per_second": tokens_per_second,
+            "eval_loss": loss,
+            "train_records": 12,
+        }
+
+    eager, compiled = arm([2.0, 1.0, 1.0, 1.0, 1.2, 0.9], 100.0, 2.5), arm([60.0, 30.0, 1.0, 0.5, 0.6, 40.0], 20.0, 2.5)
+    comparison = throughput.compile_comparison(eager, compiled, warmup_steps=3)
+    # Medians of steps 4-6: eager 1.0 s, compiled 0.6 s (the recompile at the last step does not move the median).
+    assert comparison["steady_step_speedup"] == pytest.approx(1.0 / 0.6)
+    assert comparison["whole_training_speedup"] == pytest.approx(0.2)
+    assert comparison["first_step_seconds"] == {"ours": 2.0, "ours_compiled": 60.0}
+    result = {
+        "command": "python -m bench.throughput --arms ours,ours_compiled",
+        "machine": "test",
+        "model": "pythia-tiny",
+        "batch_size": 4,
+        "arms": {"ours": eager, "ours_compiled": compiled},
+        "compile": comparison,
+    }
+    (tmp_path / "compile.json").write_text(json.dumps(result))
+    rendered = report.render("<!-- bench:compile -->\n<!-- /bench:compile -->\n", results_dir=tmp_path)
+    assert "steady steps: **1.67x**" in rendered and "whole epoch: **0.20x**" in rendered
 
 
 def test_an_arm_runs_in_its_own_process_and_returns_its_result(monkeypatch):
