@@ -97,24 +97,26 @@ def summarize(profile: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-COMPUTE_BUCKETS = ("matrix products", "attention", "other operators", "optimizer")
+REDUCTION_BUCKET = "gradient reduction (ZeRO-3 hooks)"
 
 
-def balance(ranks: list[dict[str, Any]]) -> dict[str, float]:
+def balance(ranks: list[dict[str, Any]]) -> dict[str, Any]:
     """How evenly the ranks were loaded over the profiled steps.
 
     - ``positions_max_over_mean``: per step, the busiest rank's token positions (padding included) over the ranks'
       mean, averaged over the steps;
-    - ``wait_seconds_per_step``: per rank, the compute the busiest rank did beyond its own (operator self time in
-      the compute buckets): what it spent waiting for the other rank at the step's collectives; averaged over ranks.
+    - ``reduction_hook_seconds_per_step``: per rank, and their mean, the time in ZeRO-3's gradient-reduction hooks.
+      A rank that finishes a layer's backward first waits in that layer's reduction for the other, so this time is
+      the reductions' own work plus the waiting. The profiler sums operators over the profiled steps, and which
+      rank is the busier changes from step to step, so the ranks' compute totals cannot show the wait; the hooks do.
     """
-    compute = [sum(rank["seconds_per_step"].get(bucket, 0.0) for bucket in COMPUTE_BUCKETS) for rank in ranks]
     per_step = list(zip(*(rank["positions_per_step"] for rank in ranks)))
     ratios = [max(step) / (sum(step) / len(step)) for step in per_step if sum(step)]
+    hooks = [rank["seconds_per_step"].get(REDUCTION_BUCKET, 0.0) for rank in ranks]
     return {
         "positions_max_over_mean": sum(ratios) / len(ratios) if ratios else 1.0,
-        "compute_seconds_per_step": compute,
-        "wait_seconds_per_step": sum(max(compute) - own for own in compute) / len(compute),
+        "reduction_hook_seconds_per_rank": hooks,
+        "reduction_hook_seconds_per_step": sum(hooks) / len(hooks),
     }
 
 

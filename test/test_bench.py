@@ -240,3 +240,54 @@ def test_the_gpu_checks_wheels_are_packed_in_parts_a_command_can_carry(tmp_path)
         with tarfile.open(part) as archive:
             names += archive.getnames()
     assert sorted(names) == sorted(wheel.name for wheel in wheels)
+
+
+def test_the_launcher_profile_reads_the_wait_from_the_reduction_hooks(tmp_path):
+    from bench import profile_launcher
+
+    def rank(positions: list[int], hook_seconds: float, matmul_seconds: float) -> dict:
+        steps = len(positions)
+        return profile_launcher.summarize(
+            {
+                "steps": [1, steps],
+                "wall_seconds": steps * (hook_seconds + matmul_seconds + 0.5),
+                "intra_op_threads": 2,
+                "positions_per_step": positions,
+                "operators": {
+                    "torch::autograd::AccumulateGrad": {"self_cpu_seconds": steps * hook_seconds, "calls": 10},
+                    "aten::mm": {"self_cpu_seconds": steps * matmul_seconds, "calls": 10},
+                },
+            }
+        )
+
+    # Unbalanced: which rank is the busier alternates, so the ranks' totals are equal, yet each waits in the hooks.
+    unbalanced = [rank([300, 100], 2.0, 4.0), rank([100, 300], 2.2, 4.0)]
+    balanced = [rank([200, 200], 1.0, 4.0), rank([200, 200], 1.0, 4.0)]
+    summary = profile_launcher.balance(unbalanced)
+    assert summary["positions_max_over_mean"] == pytest.approx(1.5)
+    assert summary["reduction_hook_seconds_per_step"] == pytest.approx(2.1)
+    assert profile_launcher.balance(balanced)["positions_max_over_mean"] == 1.0
+
+    def run(variant: str, ranks: list[dict]) -> dict:
+        return {
+            "variant": variant,
+            "useful_tokens_per_second": 10.0,
+            "ranks": ranks,
+            "balance": profile_launcher.balance(ranks),
+        }
+
+    result = {
+        "command": "python -m bench.profile_launcher",
+        "machine": "test",
+        "model": "pythia-tiny",
+        "train_records": 8,
+        "batch_size": 4,
+        "profiled_steps": "1:2",
+        "runs": {"ours, unbalanced": run("unbalanced", unbalanced), "ours, as shipped": run("as shipped", balanced)},
+    }
+    (tmp_path / "profile_launcher.json").write_text(json.dumps(result))
+    rendered = report.render(
+        "<!-- bench:profile_launcher -->\n<!-- /bench:profile_launcher -->\n", results_dir=tmp_path
+    )
+    assert "| ours, unbalanced | 1.500 | 2.10 s | 1.10 s |" in rendered
+    assert "| ours, as shipped | 1.000 | 1.00 s | 0.00 s |" in rendered

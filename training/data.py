@@ -87,13 +87,18 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
                 raise DatasetRecordError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
 
 
-def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
+def _whole_file_text(path: Path) -> str:
+    """A whole file as UTF-8 text (a byte-order mark dropped); a byte that is not UTF-8 is reported by its line."""
     raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
         raise DatasetRecordError(f"{path}, line {line}: not UTF-8 text (byte 0x{raw[err.start]:02x})") from None
+
+
+def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
+    text = _whole_file_text(path)
     try:
         records = json.loads(text)
     except json.JSONDecodeError:
@@ -110,12 +115,7 @@ def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
 
 def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
     """Rows of a CSV file with a header row, named by the line each row starts on (empty cells read as empty)."""
-    raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise DatasetRecordError(f"{path}, line {line}: not UTF-8 text (byte 0x{raw[err.start]:02x})") from None
+    text = _whole_file_text(path)
     reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
         start = reader.line_num + 1
