@@ -143,7 +143,7 @@ def throughput_deepspeed_section(r: dict[str, Any]) -> str:
             f"| {name} | `{' '.join(a['flags']) or '(defaults)'}` | {a['useful_tokens_per_second']:.0f} | "
             f"{a['train_runtime_seconds']:.0f} s | {a['launch_wall_seconds']:.0f} s | {a['optimizer_steps']} |"
         )
-    ratios = r.get("ratios") or ({"ours / original": r["ratio_vs_original"]} if "ratio_vs_original" in r else {})
+    ratios = r["ratios"]
     if ratios:
         lines.append("")
         lines += [
@@ -176,11 +176,7 @@ def profile_launcher_section(r: dict[str, Any]) -> str:
             f"| {name} | {run['useful_tokens_per_second']:.0f} | {rank0['intra_op_threads']} | "
             f"{rank0['step_seconds']:.2f} s | {cells} |"
         )
-    balanced = [
-        (name, run["balance"])
-        for name, run in runs.items()
-        if "reduction_hook_seconds_per_step" in run.get("balance", {})
-    ]
+    balanced = [(name, run["balance"]) for name, run in runs.items()]
     if balanced:
         evenest_name, evenest = min(balanced, key=lambda item: item[1]["positions_max_over_mean"])
         floor = evenest["reduction_hook_seconds_per_step"]

@@ -121,7 +121,7 @@ class DollyTrainer(Trainer):
         if self.batching.group_by_length:
             return LengthGroupedSampler(
                 self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                dataset=train_dataset if train_dataset is not None else self.train_dataset,
+                dataset=dataset,
                 model_input_name="input_ids",
             )
         return super()._get_train_sampler(train_dataset)
