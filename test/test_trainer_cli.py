@@ -112,6 +112,17 @@ def test_bad_record_stops_the_cli_with_file_line_and_field(tiny_model_dir, sampl
     assert f"{data}, line 6: field 'response' must be a string, got int" in result.log
 
 
+def test_a_test_size_that_leaves_nothing_to_train_on_stops_before_the_model_loads(tiny_model_dir, sample_path, tmp_path):
+    # Checked against the prepared data (read once per run), not by a second read in the command line.
+    result = invoke_trainer(quick_training_args(tiny_model_dir, sample_path, tmp_path / "out", "--test-size", "41"))
+    assert result.exit_code == 1, result.log
+    assert "Error: --test-size 41: 41 records held out leaves none to train on (the data has 41)" in result.log
+    assert "Loading model" not in result.log
+    # Nothing of the run is left that a corrected command would trip over.
+    rerun = invoke_trainer(quick_training_args(tiny_model_dir, sample_path, tmp_path / "out"))
+    assert_finished(rerun)
+
+
 @pytest.mark.parametrize("value, expected", [("1000", 1000), ("0.1", 0.1), ("0", 0)])
 def test_test_size_is_a_count_or_a_ratio(value, expected):
     assert parse_test_size(value) == expected
@@ -130,7 +141,6 @@ def test_test_size_rejects_nonsense(value):
         (["--lr", "-1e-5"], "Invalid value for '--lr': must be above 0"),
         (["--deepspeed", "missing_config.json"], "Invalid value for '--deepspeed': missing_config.json: no such file"),
         (["--deepspeed", "README.md"], "Invalid value for '--deepspeed': README.md: not valid JSON"),
-        (["--test-size", "41"], "Invalid value for '--test-size': 41 records held out leaves none to train on"),
         (["--test-size", "2.5"], "Invalid value for '--test-size': must be a whole count or a ratio below 1"),
         (["--test-size", "4", "--max-length", "8"], "Invalid value for '--max-length': 8 is below the"),
         (["--per-device-train-batch-size", "0"], "Invalid value for '--per-device-train-batch-size'"),

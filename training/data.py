@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import codecs
 import csv
-import io
+import hashlib
 import json
 import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, load_dataset, load_from_disk
+from datasets import Dataset, Features, Value, load_dataset, load_from_disk
+from datasets.exceptions import DatasetGenerationError
 
 from .columns import DOLLY_COLUMNS, Columns
 from .saved_model.consts import DEFAULT_TRAINING_DATASET
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 REQUIRED_FIELDS = ("instruction", "response")
 OPTIONAL_FIELDS = ("context", "category")
 LOCAL_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+PARQUET_BATCH_ROWS = 10_000
 
 
 class DatasetRecordError(ValueError):
@@ -114,29 +116,41 @@ def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
-    """Rows of a CSV file with a header row, named by the line each row starts on (empty cells read as empty)."""
-    text = _whole_file_text(path)
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    try:
-        start = reader.line_num + 1
-        for row in reader:
-            if None in row:
-                raise DatasetRecordError(f"{path}, line {start}: more cells than the header has columns")
-            yield f"{path}, line {start}", row
+    """Rows of a CSV file with a header row, named by the line each row starts on (empty cells read as empty).
+
+    Read line by line (a cell may span lines), so memory does not grow with the file; a byte that is not UTF-8 is
+    reported by its line."""
+    with path.open("rb") as handle:
+        lines = (
+            _decode(raw.removeprefix(codecs.BOM_UTF8) if number == 1 else raw, f"{path}, line {number}")
+            for number, raw in enumerate(handle, start=1)
+        )
+        reader = csv.DictReader(lines)
+        try:
             start = reader.line_num + 1
-    except csv.Error as err:
-        raise DatasetRecordError(f"{path}, line {reader.line_num}: not valid CSV ({err})") from None
+            for row in reader:
+                if None in row:
+                    raise DatasetRecordError(f"{path}, line {start}: more cells than the header has columns")
+                yield f"{path}, line {start}", row
+                start = reader.line_num + 1
+        except csv.Error as err:
+            raise DatasetRecordError(f"{path}, line {reader.line_num}: not valid CSV ({err})") from None
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+    """A Parquet file's rows, a record batch at a time (memory does not grow with the file)."""
     import pyarrow
     import pyarrow.parquet
 
     try:
-        table = pyarrow.parquet.read_table(path)
+        batches = pyarrow.parquet.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS)
+        number = 0
+        for batch in batches:
+            for record in batch.to_pylist():
+                number += 1
+                yield f"{path}, record {number}", record
     except (pyarrow.ArrowException, OSError) as err:
         raise DatasetRecordError(f"{path}: not a readable Parquet file ({err})") from None
-    yield from _read_dataset(table.to_pylist(), str(path))
 
 
 def _read_dataset(dataset: Iterable[dict], source: str) -> Iterator[tuple[str, Any]]:
@@ -154,15 +168,23 @@ def _read_file(path: Path) -> Iterator[tuple[str, Any]]:
     yield from reader(path)
 
 
-def _read_folder(path: Path) -> Iterator[tuple[str, Any]]:
-    """Every data file in a folder (and its subfolders), each read and checked on its own; others are named."""
+def _folder_files(path: Path) -> tuple[list[Path], list[Path]]:
+    """A folder's data files (and its subfolders', hidden ones left out), in name order, and its other files."""
     files = sorted(
         f for f in path.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts)
     )
-    data_files = [f for f in files if f.suffix.lower() in FILE_READERS]
-    skipped = [f.name for f in files if f.suffix.lower() not in FILE_READERS]
+    return [f for f in files if f.suffix.lower() in FILE_READERS], [
+        f for f in files if f.suffix.lower() not in FILE_READERS
+    ]
+
+
+def _read_folder(path: Path) -> Iterator[tuple[str, Any]]:
+    """Every data file in a folder (and its subfolders), each read and checked on its own; others are named."""
+    data_files, skipped = _folder_files(path)
     if skipped:
-        logger.warning("%s: not reading %s (not .jsonl, .json, .csv or .parquet)", path, ", ".join(skipped))
+        logger.warning(
+            "%s: not reading %s (not .jsonl, .json, .csv or .parquet)", path, ", ".join(f.name for f in skipped)
+        )
     if not data_files:
         raise DatasetRecordError(f"{path}: no .jsonl, .json, .csv or .parquet files in this folder")
     logger.info("Reading %d files from %s", len(data_files), path)
@@ -170,31 +192,113 @@ def _read_folder(path: Path) -> Iterator[tuple[str, Any]]:
         yield from _read_file(data_file)
 
 
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "state.json").exists() or (path / "dataset_dict.json").exists()
+
+
+def _names_a_local_path(path_or_dataset: str) -> bool:
+    """Whether a name that is not there was meant as a local file or folder (not a hub dataset)."""
+    return Path(path_or_dataset).suffix.lower() in LOCAL_FILE_SUFFIXES or path_or_dataset.startswith((".", "/"))
+
+
 def _raw_records(path_or_dataset: str) -> Iterator[tuple[str, Any]]:
     path = Path(path_or_dataset)
     if path.is_file():
         yield from _read_file(path)
     elif path.is_dir():
-        if (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+        if _is_saved_dataset(path):
             loaded = load_from_disk(str(path))
             dataset = loaded["train"] if hasattr(loaded, "keys") else loaded
             yield from _read_dataset(dataset, str(path))
         else:
             yield from _read_folder(path)
-    elif path.suffix.lower() in LOCAL_FILE_SUFFIXES or path_or_dataset.startswith((".", "/")):
+    elif _names_a_local_path(path_or_dataset):
         raise FileNotFoundError(f"training dataset not found: {path_or_dataset}")
     else:
         yield from _read_dataset(load_dataset(path_or_dataset, split="train"), path_or_dataset)
 
 
-def read_records(path_or_dataset: str, columns: str | Columns | None = None) -> list[dict[str, str]]:
-    """Read and validate every record of a hub dataset, a local folder, or a .jsonl/.json/.csv/.parquet file, in
-    the user's ``columns`` (a ``--columns`` value or :class:`Columns`; dolly's own names by default)."""
+def _file_sha256(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def source_fingerprint(path_or_dataset: str) -> str:
+    """A digest of what the records are read from, which changes when they do: a file's bytes; a folder's data files
+    (names and bytes; a saved dataset's every file); a hub dataset's revision (the commit its files come from)."""
+    path = Path(path_or_dataset)
+    if path.is_file():
+        return f"sha256:{_file_sha256(path)}"
+    if path.is_dir():
+        if _is_saved_dataset(path):
+            files = sorted(f for f in path.rglob("*") if f.is_file())
+        else:
+            files = _folder_files(path)[0]
+        digest = hashlib.sha256()
+        for file in files:
+            digest.update(f"{file.relative_to(path).as_posix()}\0{_file_sha256(file)}\n".encode())
+        return f"sha256:{digest.hexdigest()}"
+    if _names_a_local_path(path_or_dataset):
+        raise FileNotFoundError(f"training dataset not found: {path_or_dataset}")
+    from datasets import load_dataset_builder
+
+    return f"hub:{path_or_dataset}@{load_dataset_builder(path_or_dataset).hash}"
+
+
+def validated_records(path_or_dataset: str, columns: str | Columns | None = None) -> Iterator[dict[str, str]]:
+    """Every record of a hub dataset, a local folder, or a .jsonl/.json/.csv/.parquet file, checked and normalised to
+    the four dolly fields, one at a time (in the user's ``columns``: a ``--columns`` value or :class:`Columns`)."""
     columns = columns if isinstance(columns, Columns) else Columns.parse(columns)
-    records = [validate_record(record, where, columns) for where, record in _raw_records(path_or_dataset)]
-    if not records:
+    found = 0
+    for where, record in _raw_records(path_or_dataset):
+        yield validate_record(record, where, columns)
+        found += 1
+    if not found:
         raise DatasetRecordError(f"{path_or_dataset}: no records found")
-    return records
+
+
+def read_records(path_or_dataset: str, columns: str | Columns | None = None) -> list[dict[str, str]]:
+    """:func:`validated_records` as a list: for small data (tests, benchmarks). Training streams the records into
+    Arrow instead (:func:`records_dataset`), so no process holds them all as Python objects."""
+    return list(validated_records(path_or_dataset, columns))
+
+
+def _records_of(path_or_dataset: str, columns: Columns, content: str) -> Iterator[dict[str, str]]:
+    """:func:`validated_records`, for datasets' generator builder (``content``: the source's digest, for its cache)."""
+    yield from validated_records(path_or_dataset, columns)
+
+
+RECORD_FEATURES = Features({field: Value("string") for field in (*REQUIRED_FIELDS, *OPTIONAL_FIELDS)})
+
+
+def records_dataset(
+    path_or_dataset: str, columns: str | Columns | None = None, *, cache_dir: str | Path | None = None
+) -> Dataset:
+    """The checked records as an Arrow ``Dataset`` (the four dolly fields), written a batch at a time by datasets'
+    own generator builder into ``cache_dir`` (datasets' cache by default) and memory-mapped from there.
+
+    Each record goes through the same reader and check as :func:`read_records`, so an error names the file, the line
+    or record, and the field (datasets' JSON and CSV readers cannot: pyarrow reports a block, pandas reads "NA" as
+    missing)."""
+    columns = columns if isinstance(columns, Columns) else Columns.parse(columns)
+    try:
+        return Dataset.from_generator(
+            _records_of,
+            features=RECORD_FEATURES,
+            # datasets caches a generator's output by its arguments: the source's digest makes that cache follow the
+            # source's content, not only its name.
+            gen_kwargs={
+                "path_or_dataset": path_or_dataset,
+                "columns": columns,
+                "content": source_fingerprint(path_or_dataset),
+            },
+            cache_dir=str(cache_dir) if cache_dir is not None else None,
+        )
+    except DatasetGenerationError as err:  # datasets wraps what the generator raised
+        cause = err.__cause__
+        if isinstance(cause, (DatasetRecordError, FileNotFoundError, ValueError)):
+            raise cause from None
+        raise
 
 
 def load_training_dataset(
@@ -202,8 +306,16 @@ def load_training_dataset(
 ) -> Dataset:
     """Load dolly records as a ``Dataset`` with the four dolly fields plus ``text``, the rendered training prompt."""
     logger.info("Loading dataset from %s", path_or_dataset)
-    records = read_records(path_or_dataset, columns)
-    logger.info("Found %d rows", len(records))
-    for record in records:
-        record["text"] = format_training_text(record["instruction"], record["response"], record["context"])
-    return Dataset.from_list(records)
+    dataset = records_dataset(path_or_dataset, columns)
+    logger.info("Found %d rows", dataset.num_rows)
+    return dataset.map(with_training_text, batched=True, desc="Rendering")
+
+
+def with_training_text(batch: dict[str, list[str]]) -> dict[str, list[str]]:
+    """A batch of records with ``text``, each rendered with Dolly's training template."""
+    return {
+        "text": [
+            format_training_text(instruction, response, context)
+            for instruction, response, context in zip(batch["instruction"], batch["response"], batch["context"])
+        ]
+    }

@@ -31,11 +31,11 @@ import click
 import torch
 from tqdm.auto import tqdm
 
-from .data import load_training_dataset
+from .data import load_training_dataset, with_training_text
 from .driver.benchmarks import parse_tasks
 from .generate import load_model_tokenizer_for_generate
 from .logs import configure_logging
-from .preprocess import IGNORE_INDEX, preprocess_batch, preprocess_dataset
+from .preprocess import IGNORE_INDEX, preprocess_batch
 from .rank.collators import DataCollatorForCompletionOnlyLM
 from .rank.run_record import RUN_CONFIG_NAME
 from .saved_model.instruct_pipeline import InstructionTextGenerationPipeline
@@ -54,25 +54,27 @@ def same_data(first: str, second: str) -> bool:
 def held_out_records(model_dir: str | Path, dataset: str, columns: str | None = None) -> list[dict[str, Any]]:
     """The records the run held out of ``dataset`` (its eval split), or all of them if it did not train on it.
 
-    ``columns``: the data's columns for the dolly fields (``--columns``); by default the run's own mapping.
+    ``columns``: the data's columns for the dolly fields (``--columns``); by default the run's own mapping. The
+    held-out records are found as the run found them: in its prepared dataset (prepared again, identically, where
+    it is gone), split by the run's test size and seed.
     """
-    from .trainer import split_dataset
-
     record = read_json(Path(model_dir) / RUN_CONFIG_NAME)
     settings = record.get("settings", {})
-    raw = load_training_dataset(dataset, columns if columns is not None else settings.get("columns"))
+    columns = columns if columns is not None else settings.get("columns")
     if not settings or not settings.get("test_size") or not same_data(settings["training_dataset"], dataset):
+        raw = load_training_dataset(dataset, columns)
         logger.info("Evaluating on all %d records of %s", raw.num_rows, dataset)
         return list(raw)
+    from .prepared_data import DataSpec, default_cache_dir, prepare_data, split_held_out
     from .rank.modeling import load_tokenizer
 
-    tokenizer = load_tokenizer(str(model_dir))
-    tokenized = preprocess_dataset(
-        tokenizer, record["resolved"]["max_length"], seed=settings["seed"], training_dataset=raw
-    )
-    _, held_out = split_dataset(tokenized, settings["test_size"], settings["seed"])
-    position = {tuple(ids): index for index, ids in enumerate(tokenizer(list(raw["text"]))["input_ids"])}
-    records = [raw[position[tuple(ids)]] for ids in held_out["input_ids"]]
+    recorded_path = record.get("data", {}).get("prepared_path")
+    cache_dir = Path(recorded_path).parent if recorded_path else default_cache_dir(model_dir)
+    spec = DataSpec(dataset, columns, record["resolved"]["max_length"], settings["seed"])
+    prepared = prepare_data(spec, load_tokenizer(str(model_dir)), cache_dir).load()
+    _, held_out = split_held_out(prepared, settings["test_size"], settings["seed"])
+    held_out = held_out.remove_columns(["input_ids", "labels", "length"])
+    records = list(held_out.map(with_training_text, batched=True))
     logger.info("Evaluating on the run's %d held-out records of %s", len(records), dataset)
     return records
 

@@ -222,6 +222,29 @@ class TrainSettings:
         "free space.",
     )
 
+    dataset_cache_dir: str | None = setting(
+        None,
+        help="Folder of prepared (tokenized) datasets, reused by every run on the same data and settings; default: "
+        "prepared_data beside the output folder. Every rank must see it (shared storage for many nodes).",
+    )
+    dataset_num_proc: int | None = setting(
+        None,
+        check=at_least_one,
+        help="Processes that tokenize the data; default: the cores available, one per 20,000 records, at most 16.",
+    )
+    allow_changed_data: bool = setting(
+        False,
+        kind="flag",
+        replayed=False,
+        help="Let --resume continue on data that differs from the data the checkpoint was trained on.",
+    )
+    wait_timeout: float = setting(
+        4 * 3600.0,
+        check=above_zero,
+        help="Longest a rank waits for the main process to prepare the data or a checkpoint, in seconds (a wait "
+        "also ends when the main process stops answering).",
+    )
+
     def __post_init__(self) -> None:
         for item in fields(self):
             try:

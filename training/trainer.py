@@ -20,7 +20,7 @@ from .logs import configure_logging
 from .preprocess import preprocess_batch, preprocess_dataset
 from .rank.checkpoints import CheckpointCompletion
 from .rank.collators import DataCollatorForCompletionOnlyLM
-from .rank.disk_check import DiskTooSmallError, check_disk_for
+from .rank.disk_check import DiskTooSmallError
 from .rank.distributed import (
     barrier,
     end_process,
@@ -31,10 +31,10 @@ from .rank.distributed import (
     world_size,
 )
 from .rank.dolly_trainer import DollyTrainer, run_training, training_arguments
-from .rank.elastic import make_loadable, resume_point
+from .rank.elastic import resume_point
 from .rank.modeling import get_model_tokenizer, load_model, load_tokenizer
 from .rank.op_builds import clear_dead_build_locks
-from .rank.option_checks import check_against_data
+from .rank.option_checks import check_max_length
 from .rank.packing import DataCollatorForPackedCompletionOnlyLM
 from .rank.prepare import PreparedRun, parameter_count, prepare, split_dataset
 from .rank.publish import TRAINING_LOG_NAME, publish, save_trained_model
@@ -89,12 +89,8 @@ def train(settings: TrainSettings | None = None, **kwargs) -> Path:
             is_main_process=is_main_process(),
         )
         resume = None
-        if checkpoint is not None:  # on another number of ranks: the global batch kept, the checkpoint made universal
+        if checkpoint is not None:  # on another number of ranks: the global batch kept (prepare makes it loadable)
             settings, resume = resume_point(settings, checkpoint, world_size())
-        if settings.disk_check:
-            check_disk_for(settings, resume, world_size())
-        if resume is not None:
-            make_loadable(resume, main_process=is_main_process())
         with StopRequests(output_dir, settings.stop_grace_period) as stops:
             prepared = prepare(settings, resume)
             stop_if_asked(stops, prepared, step=resume.step if resume else 0)
@@ -144,7 +140,7 @@ def main(ctx: click.Context, config_file: str | None, **options) -> None:
         settings = TrainSettings(**chosen)
     except SettingsError as err:
         raise click.UsageError(str(err)) from None
-    check_against_data(settings)  # before any model is loaded or process group started
+    check_max_length(settings)  # before any model is loaded or process group started
     if settings.deepspeed:
         clear_dead_build_locks()  # DeepSpeed builds ops on first use: a killed build must not hang this launch
     try:

@@ -108,8 +108,11 @@ def parameter_counts(settings: TrainSettings) -> ParameterCounts:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from transformers.modeling_utils import set_zero3_state
+
     config = AutoConfig.from_pretrained(settings.input_model, trust_remote_code=settings.trust_remote_code)
-    with init_empty_weights():
+    # set_zero3_state: an empty model, not one ZeRO-3 partitions (the run's DeepSpeed config is active by now).
+    with init_empty_weights(), set_zero3_state():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=settings.trust_remote_code)
     model.tie_weights()  # as loading does: tied embeddings are one tensor (SmolLM2, Llama-style models)
     parameters = list(model.parameters())
@@ -208,23 +211,15 @@ def check_disk(
     return estimate
 
 
-def train_record_count(settings: TrainSettings) -> int:
-    """Records the run trains on, before the length filter (an upper bound): all of them less the held-out ones."""
-    from ..data import read_records
-
-    records = len(read_records(settings.training_dataset, settings.columns))
-    test_size = settings.test_size
-    held_out = math.ceil(records * test_size) if isinstance(test_size, float) else test_size
-    return max(1, records - held_out)
-
-
-def check_disk_for(settings: TrainSettings, resume: ResumePoint | None, world_size: int) -> DiskEstimate:
+def check_disk_for(
+    settings: TrainSettings, resume: ResumePoint | None, world_size: int, *, train_records: int
+) -> DiskEstimate:
     """:func:`check_disk` for a run about to start (or resume from ``resume``) on ``world_size`` ranks."""
     from .modeling import choose_precision
 
     return check_disk(
         settings,
-        train_records=train_record_count(settings),
+        train_records=train_records,
         world_size=world_size,
         precision=choose_precision(settings.bf16),
         universal=bool(resume and resume.universal),

@@ -7,11 +7,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_pt_utils import BatchRebalanceSampler, LengthGroupedSampler
 
+from ..preprocess import length_column
 from ..settings import TrainSettings
 from .checkpoints import CheckpointCompletion
 from .deepspeed_config import deepspeed_config_for
@@ -120,9 +122,7 @@ class DollyTrainer(Trainer):
             return self.balanced_sampler
         if self.batching.group_by_length:
             return LengthGroupedSampler(
-                self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                dataset=dataset,
-                model_input_name="input_ids",
+                self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=length_column(dataset)
             )
         return super()._get_train_sampler(train_dataset)
 
@@ -154,7 +154,21 @@ class DollyTrainer(Trainer):
             raise save_failed(err, checkpoint, Path(self.args.output_dir)) from err
 
 
-class PackedBatchRebalanceSampler(BatchRebalanceSampler):
+class ColumnBatchRebalanceSampler(BatchRebalanceSampler):
+    """transformers' ``BatchRebalanceSampler`` on a NumPy array of lengths (the dataset's ``length`` column, read
+    once): it keeps the array, not a Python list of a million numbers, and reads a step's lengths in one gather."""
+
+    def __init__(self, *, lengths: np.ndarray, **kwargs):
+        super().__init__(lengths=lengths, **kwargs)
+        self.lengths = np.asarray(lengths)
+
+    def _yield_global_batch(self, batch_indices):
+        rank_mbs = self._assign(batch_indices, self.lengths[np.asarray(batch_indices)].tolist())
+        for accumulation_step in range(self.grad_accum):
+            yield rank_mbs[self.rank][accumulation_step]
+
+
+class PackedBatchRebalanceSampler(ColumnBatchRebalanceSampler):
     """transformers' balancing for packed rows, which have no padding: a micro-batch costs its records' tokens plus
     each record's own attention (``attention_weight`` x length², about 1 / (6 x hidden size) of a token's linear
     layers), and records need not be of similar length to share one, so they are dealt out greedily (the longest
@@ -192,7 +206,7 @@ def balanced_sampler(dataset, args: TrainingArguments, *, hidden_size: int | Non
     world = max(1, args.world_size)
     accumulation = args.gradient_accumulation_steps
     common = dict(
-        lengths=[len(ids) for ids in dataset["input_ids"]],
+        lengths=length_column(dataset),
         effective_batch_size=args.train_batch_size * accumulation * world,
         dp_size=world,
         grad_accum=accumulation,
@@ -201,7 +215,7 @@ def balanced_sampler(dataset, args: TrainingArguments, *, hidden_size: int | Non
         drop_last=args.dataloader_drop_last,
     )
     if hidden_size is None:
-        return BatchRebalanceSampler(**common)
+        return ColumnBatchRebalanceSampler(**common)
     return PackedBatchRebalanceSampler(**common, attention_weight=1 / (6 * hidden_size))
 
 

@@ -10,7 +10,8 @@ Two things must carry over for the resumed run to be the run it continues:
   DeepSpeed refuses to load them on another world size. DeepSpeed's own tool converts the checkpoint into its
   *universal* form (``deepspeed.checkpoint.ds_to_universal``: a file per parameter, not per rank), which any world
   size loads with ``"checkpoint": {"load_universal": true}``. The main process converts (once per checkpoint, marked
-  complete like the checkpoint itself); the other ranks wait for the mark before they go on.
+  complete like the checkpoint itself); the other ranks wait for it (``training.rank.handoff``: with a timeout, and not
+  past the main process's death).
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from pathlib import Path
 
 from ..settings import SettingsError, TrainSettings
 from .checkpoints import COMPLETE_MARKER, checkpoint_step, write_atomically
+from .handoff import on_main_process
 from .run_record import RUN_CONFIG_NAME
 
 logger = logging.getLogger(__name__)
 
 UNIVERSAL_MARKER = "universal_complete.json"
-UNIVERSAL_WAIT_LOG_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -146,17 +147,6 @@ def convert_to_universal(checkpoint: Path, *, extract_workers: int = 4, merge_wo
     return target
 
 
-def wait_for_universal(checkpoint: Path) -> None:
-    """For the ranks that do not convert: wait until the main process has marked the conversion complete."""
-    waited, last_log = 0.0, 0.0
-    while not (checkpoint / UNIVERSAL_MARKER).is_file():
-        time.sleep(1.0)
-        waited += 1.0
-        if waited - last_log >= UNIVERSAL_WAIT_LOG_S:
-            logger.warning("Still waiting for the main process to convert %s (%.0f s)", checkpoint, waited)
-            last_log = waited
-
-
 @dataclass(frozen=True)
 class ResumePoint:
     """Where a resumed run starts: a complete checkpoint, the ranks that wrote it and the ranks that go on from it."""
@@ -184,14 +174,21 @@ def resume_point(settings: TrainSettings, checkpoint: Path, ranks: int) -> tuple
     return keep_global_batch(settings, written, ranks), ResumePoint(checkpoint, written.ranks, ranks)
 
 
-def make_loadable(resume: ResumePoint, *, main_process: bool) -> None:
+def make_loadable(resume: ResumePoint, *, wait_timeout: float) -> None:
     """On another number of ranks, the main process converts the DeepSpeed checkpoint to its universal form and
-    gives every new rank an RNG state; the others wait until it is done. Runs before any model is loaded."""
+    gives every new rank an RNG state; the others wait until it is done (at most ``wait_timeout`` seconds, and not
+    past the main process's death). Collective; runs before any model is loaded."""
     if resume.written_ranks == resume.ranks:
         return
-    if not main_process:
-        wait_for_universal(resume.checkpoint)
-        return
+    on_main_process(
+        "universal-checkpoint",
+        lambda: _make_loadable_here(resume),
+        timeout_s=wait_timeout,
+        what=f"convert {resume.checkpoint} for {resume.ranks} ranks",
+    )
+
+
+def _make_loadable_here(resume: ResumePoint) -> None:
     provide_rng_states(resume.checkpoint, resume.written_ranks, resume.ranks)
     if resume.universal:
         convert_to_universal(resume.checkpoint)

@@ -151,7 +151,11 @@ def training_attention(precision: str) -> str | None:
 
 def model_max_length(model: PreTrainedModel) -> int:
     """The model's own context length, falling back to Dolly's 1024."""
-    config = model.config
+    return config_max_length(model.config)
+
+
+def config_max_length(config) -> int:
+    """The context length a model config gives (its text model's), falling back to Dolly's 1024."""
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     for setting in MAX_LENGTH_SETTINGS:
         value = getattr(text_config, setting, None)

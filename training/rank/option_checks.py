@@ -1,6 +1,6 @@
 """Checking the trainer's options against the data and the tokenizer before anything starts.
 
-Each option's own checks live with its field in ``training.settings``; these need the data or the tokenizer. They
+Each option's own checks live with its field in ``training.settings``; this one needs the tokenizer. They
 run in the CLI before a model is loaded or a process group is started, so a typo costs seconds, not a queue slot
 on a GPU cluster.
 """
@@ -22,19 +22,11 @@ def template_length(tokenizer) -> int:
     return len(tokenizer(format_training_text("x", "x"))["input_ids"])
 
 
-def check_against_data(settings: TrainSettings) -> None:
-    """Options that only make sense against the data and the tokenizer: ``--test-size`` and ``--max-length``."""
-    from ..data import read_records
+def check_max_length(settings: TrainSettings) -> None:
+    """``--max-length`` against the tokenizer: it must hold at least the Dolly template. (``--test-size`` is checked
+    against the data once it is prepared, in ``training.rank.training_data``: the data is read once per run.)"""
     from .modeling import load_tokenizer
 
-    test_size = settings.test_size
-    if isinstance(test_size, int) and test_size > 0:
-        records = len(read_records(settings.training_dataset, settings.columns))
-        if test_size >= records:
-            raise click.BadParameter(
-                f"{test_size} records held out leaves none to train on ({settings.training_dataset} has {records})",
-                param_hint="'--test-size'",
-            )
     max_length = settings.max_length
     if max_length is not None:
         tokenizer = load_tokenizer(settings.input_model, trust_remote_code=settings.trust_remote_code)

@@ -9,17 +9,18 @@ from typing import Any
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments, set_seed
 
-from ..data import load_training_dataset
-from ..preprocess import preprocess_dataset
+from ..prepared_data import split_held_out
 from ..settings import TrainSettings
-from .distributed import forget_shared_memory_segment
+from .disk_check import check_disk_for
+from .distributed import forget_shared_memory_segment, world_size
 from .dolly_trainer import training_arguments
-from .elastic import ResumePoint
+from .elastic import ResumePoint, make_loadable
 from .lora import LoraSettings, apply_lora
-from .modeling import choose_precision, get_model_tokenizer, model_max_length, training_attention
+from .modeling import choose_precision, get_model_tokenizer, training_attention
 from .packing import unwrap
 from .quantization import keep_4bit_weights_trainable, quantization_config
 from .run_record import RunRecord
+from .training_data import run_data
 
 logger = logging.getLogger(__name__)
 
@@ -56,14 +57,10 @@ class PreparedRun:
 
 
 def split_dataset(dataset: Dataset, test_size: float | int, seed: int) -> tuple[Dataset, Dataset | None]:
-    """Hold out ``test_size`` records (a count or ratio) for evaluation."""
-    if not test_size:
-        return dataset, None
-    if isinstance(test_size, int) and test_size >= dataset.num_rows:
-        raise ValueError(f"--test-size {test_size} leaves no training records (the dataset has {dataset.num_rows})")
-    split = dataset.train_test_split(test_size=test_size, seed=seed)
-    logger.info("Train data size: %d, test data size: %d", split["train"].num_rows, split["test"].num_rows)
-    return split["train"], split["test"]
+    """Hold out ``test_size`` records (a count or ratio) for evaluation, as a run does (a seeded permutation)."""
+    train, test = split_held_out(dataset, test_size, seed)
+    logger.info("Train data size: %d, test data size: %d", train.num_rows, test.num_rows if test is not None else 0)
+    return train, test
 
 
 def parameter_count(model, *, trainable_only: bool = False) -> int:
@@ -111,38 +108,30 @@ def load_for_training(
 
 
 def prepare(settings: TrainSettings, resume: ResumePoint | None) -> PreparedRun:
-    """Seed, choose the precision, build the training arguments, load the model and tokenizer, read, tokenize and
-    split the data."""
+    """Seed, build the training arguments, prepare and split the data (checked against a resumed checkpoint), check
+    the disk, make a resumed checkpoint loadable, then load the model and tokenizer. Collective: every rank calls it."""
     set_seed(settings.seed)
     precision = choose_precision(settings.bf16)
-    logger.info("Training in %s", precision)
     # First: under ZeRO-3 the model loads straight into partitions.
     args = training_arguments(settings, precision, load_universal=bool(resume and resume.universal))
     forget_shared_memory_segment()  # the process group has started: see training/rank/distributed.py
+    data = run_data(settings, resume.checkpoint if resume else None)
+    if settings.disk_check:
+        check_disk_for(settings, resume, world_size(), train_records=data.facts["train_records"])
+    if resume is not None:
+        make_loadable(resume, wait_timeout=settings.wait_timeout)
+    logger.info("Training in %s", precision)
     model, tokenizer = load_for_training(settings, precision, args.device)
-    max_length = settings.max_length or model_max_length(model)
-    records = load_training_dataset(settings.training_dataset, settings.columns)
-    dataset = preprocess_dataset(
-        tokenizer=tokenizer, max_length=max_length, seed=settings.seed, training_dataset=records
-    )
-    train_dataset, eval_dataset = split_dataset(dataset, settings.test_size, settings.seed)
-    data_facts = {
-        "training_dataset": settings.training_dataset,
-        "records": records.num_rows,
-        "within_max_length": dataset.num_rows,
-        "train_records": train_dataset.num_rows,
-        "eval_records": eval_dataset.num_rows if eval_dataset is not None else 0,
-    }
     return PreparedRun(
         settings=settings,
         args=args,
         model=model,
         tokenizer=tokenizer,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
+        train_dataset=data.train_dataset,
+        eval_dataset=data.eval_dataset,
         resume=resume,
         precision=precision,
-        max_length=max_length,
+        max_length=data.max_length,
         model_facts=model_facts(model, settings.input_model),
-        data_facts=data_facts,
+        data_facts=data.facts,
     )

@@ -1,0 +1,226 @@
+"""Training records read, checked, rendered and tokenized once, into an Arrow dataset named by what made it.
+
+A run's data is prepared by one process (the driver or the main rank) into ``<cache>/<fingerprint>/`` (datasets'
+own ``save_to_disk``), and every rank memory-maps it from there: no process holds the records as Python objects,
+and no rank but the one that prepares tokenizes anything. The fingerprint is a digest of what decides the prepared
+records (:func:`fingerprint_parts`): the source's content, the column mapping, the template, the tokenizer,
+``max_length`` and the seed. A later run with the same ones (another output folder, another day) reuses the folder
+and says so; a resume compares the fingerprint its checkpoint recorded with the data's now.
+
+A dataset is built in a private ``.building-*`` folder inside the cache and renamed into place when complete, so a
+killed build leaves no half-written dataset under a fingerprint, and two runs that build the same one at once both
+end with one complete copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from datasets import Dataset, load_from_disk
+from transformers import PreTrainedTokenizerBase
+
+from .columns import Columns
+from .data import records_dataset, source_fingerprint
+from .preprocess import drop_too_long, tokenize_dataset
+from .saved_model.prompts import format_training_text
+
+logger = logging.getLogger(__name__)
+
+PREPARATION_FORMAT = 1  # raise when the preparation itself changes what it writes
+INFO_NAME = "dolly_prepared.json"
+CACHE_FOLDER_NAME = "prepared_data"
+TRAINING_COLUMNS = ["input_ids", "labels", "length"]
+PART_NAMES = {
+    "source": "the training data's content",
+    "columns": "the column mapping (--columns)",
+    "template": "the prompt template or the preparation",
+    "tokenizer": "the tokenizer",
+    "max_length": "--max-length",
+    "seed": "--seed",
+}
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a run's prepared data is made from (besides the tokenizer)."""
+
+    training_dataset: str
+    columns: str | None
+    max_length: int
+    seed: int
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A digest of how ``tokenizer`` turns text into ids: its fast tokenizer's definition (vocabulary, merges,
+    normalizer, added tokens, the special tokens it adds), without the padding and truncation a call may set."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        definition = json.loads(backend.to_str())
+        definition["truncation"] = definition["padding"] = None
+    else:  # a slow tokenizer: its vocabulary and its added tokens
+        definition = {"vocab": sorted(tokenizer.get_vocab().items()), "class": type(tokenizer).__name__}
+    definition["special_tokens"] = {key: str(value) for key, value in sorted(tokenizer.special_tokens_map.items())}
+    return _digest(json.dumps(definition, sort_keys=True))
+
+
+def template_digest() -> str:
+    """A digest of Dolly's training template (with and without a context) and of this preparation's format."""
+    rendered = [format_training_text("{instruction}", "{response}", context) for context in ("{context}", None)]
+    return _digest(json.dumps([PREPARATION_FORMAT, *rendered]))
+
+
+def fingerprint_parts(spec: DataSpec, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """What decides the prepared records, part by part (each named in :data:`PART_NAMES`)."""
+    return {
+        "source": source_fingerprint(spec.training_dataset),
+        "columns": Columns.parse(spec.columns).text(),
+        "template": template_digest(),
+        "tokenizer": tokenizer_digest(tokenizer),
+        "max_length": spec.max_length,
+        "seed": spec.seed,
+    }
+
+
+def fingerprint_of(parts: dict[str, Any]) -> str:
+    return _digest(json.dumps(parts, sort_keys=True))[:20]
+
+
+def changed_parts(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The parts (described as :data:`PART_NAMES` does) in which two fingerprints' parts differ."""
+    return [PART_NAMES.get(name, name) for name in PART_NAMES if recorded.get(name) != current.get(name)]
+
+
+def default_cache_dir(local_output_dir: str | Path) -> Path:
+    """Beside the runs: ``prepared_data`` in the output folder's parent."""
+    return Path(local_output_dir).absolute().parent / CACHE_FOLDER_NAME
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A prepared dataset on disk: where it is, its fingerprint and what its info file says."""
+
+    path: Path
+    fingerprint: str
+    info: dict[str, Any]
+
+    def load(self) -> Dataset:
+        """The dataset, memory-mapped (its rows in the seeded shuffled order; raw fields beside the tokens)."""
+        return load_from_disk(str(self.path))
+
+    @property
+    def parts(self) -> dict[str, Any]:
+        return self.info["parts"]
+
+    def facts(self) -> dict[str, Any]:
+        """The run record's view of it."""
+        return {"fingerprint": self.fingerprint, "prepared_path": str(self.path), "fingerprint_parts": self.parts}
+
+
+def existing(cache_dir: Path, fingerprint: str) -> PreparedData | None:
+    """The complete prepared dataset of ``fingerprint`` in ``cache_dir``, if there is one."""
+    path = cache_dir / fingerprint
+    info_file = path / INFO_NAME
+    if not info_file.is_file():
+        return None
+    return PreparedData(path, fingerprint, json.loads(info_file.read_text(encoding="utf-8")))
+
+
+def prepare_data(
+    spec: DataSpec,
+    tokenizer: PreTrainedTokenizerBase,
+    cache_dir: str | Path,
+    *,
+    num_proc: int | None = None,
+    parts: dict[str, Any] | None = None,
+) -> PreparedData:
+    """The prepared dataset for ``spec`` and ``tokenizer`` in ``cache_dir``: reused when it is there, else read,
+    checked, tokenized (in ``num_proc`` processes), filtered to ``max_length``, shuffled with the seed and saved.
+    ``parts``: :func:`fingerprint_parts` of them, when the caller has it already."""
+    cache_dir = Path(cache_dir)
+    parts = parts if parts is not None else fingerprint_parts(spec, tokenizer)
+    fingerprint = fingerprint_of(parts)
+    found = existing(cache_dir, fingerprint)
+    if found is not None:
+        logger.info(
+            "Reusing prepared dataset %s (%d records; same data, columns, template, tokenizer, max length and seed)",
+            found.path,
+            found.info["records"],
+        )
+        return found
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    building = cache_dir / f".building-{fingerprint}-{socket.gethostname()}-{os.getpid()}"
+    try:
+        info = _build(spec, tokenizer, parts, building, num_proc)
+        target = cache_dir / fingerprint
+        try:
+            (building / "dataset").rename(target)
+        except OSError:  # another run finished the same dataset first: its copy is as good
+            if existing(cache_dir, fingerprint) is None:
+                raise
+            logger.info("Another run prepared %s first; using its copy", target)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    logger.info("Prepared dataset %s in %.1f s", target, info["seconds"])
+    return PreparedData(target, fingerprint, info)
+
+
+def _build(
+    spec: DataSpec, tokenizer: PreTrainedTokenizerBase, parts: dict[str, Any], building: Path, num_proc: int | None
+) -> dict[str, Any]:
+    """Write the dataset and its info file into ``building/dataset``; return the info."""
+    started = time.perf_counter()
+    logger.info("Preparing %s into %s", spec.training_dataset, building.parent)
+    records = records_dataset(spec.training_dataset, spec.columns, cache_dir=building / "records")
+    read_seconds = time.perf_counter() - started
+    tokenized = tokenize_dataset(
+        records,
+        tokenizer,
+        num_proc=num_proc,
+        keep_fields=True,
+        cache_file_name=str(building / "tokenized" / "tokenized.arrow"),
+    )
+    tokenize_seconds = time.perf_counter() - started - read_seconds
+    kept = drop_too_long(tokenized, spec.max_length)
+    shuffled = kept.shuffle(seed=spec.seed, indices_cache_file_name=str(building / "tokenized" / "shuffle.arrow"))
+    shuffled.save_to_disk(str(building / "dataset"))
+    info = {
+        "format": PREPARATION_FORMAT,
+        "training_dataset": spec.training_dataset,
+        "parts": parts,
+        "records": records.num_rows,
+        "within_max_length": kept.num_rows,
+        "seconds": round(time.perf_counter() - started, 2),
+        "read_seconds": round(read_seconds, 2),
+        "tokenize_seconds": round(tokenize_seconds, 2),
+    }
+    (building / "dataset" / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return info
+
+
+def split_held_out(dataset: Dataset, test_size: float | int, seed: int) -> tuple[Dataset, Dataset | None]:
+    """Hold out ``test_size`` records (a count, or a ratio rounded up) by a seeded permutation of the row numbers;
+    the same data, size and seed always hold out the same records. ``ValueError`` when none would be left."""
+    total = dataset.num_rows
+    held_out = 0 if not test_size else (int(np.ceil(test_size * total)) if isinstance(test_size, float) else test_size)
+    if held_out == 0:
+        return dataset, None
+    if held_out >= total:
+        raise ValueError(f"{held_out} records held out leaves none to train on (the data has {total})")
+    order = np.random.default_rng(seed).permutation(total)
+    train, test = np.sort(order[held_out:]), np.sort(order[:held_out])
+    # In memory: the row numbers only (8 bytes a record), never a cache file written into the shared dataset.
+    return dataset.select(train, keep_in_memory=True), dataset.select(test, keep_in_memory=True)
