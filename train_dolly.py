@@ -52,12 +52,11 @@ widgets = NotebookWidgets(globals().get("dbutils"))
 
 # COMMAND ----------
 
-from training.data import load_training_dataset
 from training.driver.notebook import notebook_spark, resolve_input_model
 from training.driver.spark import names_a_table
 from training.rank.modeling import load_tokenizer
 
-# Resolve the model and check the data once, here, before a group of DeepSpeed processes is started.
+# Resolve the model and its tokenizer here, before a group of DeepSpeed processes is started.
 input_model = resolve_input_model(widgets.get("input_model"))
 training_dataset = widgets.get("training_dataset")
 num_nodes = int(widgets.get("num_nodes") or 1)
@@ -65,9 +64,7 @@ num_nodes = int(widgets.get("num_nodes") or 1)
 spark = notebook_spark(globals(), widgets.get("spark_master"), num_nodes)
 columns = widgets.get("columns") or None  # the data's own column names, mapped onto the dolly fields
 dataset_is_table = names_a_table(spark, training_dataset)  # catalog.schema.table: read through Spark below
-if not dataset_is_table:
-    load_training_dataset(training_dataset, columns)
-load_tokenizer(input_model)
+load_tokenizer(input_model)  # the data is read and checked once, when it is prepared below
 
 # COMMAND ----------
 
@@ -83,6 +80,7 @@ paths = run_paths(
     widgets.get("dbfs_output_root"),
     databricks=databricks,
     resume_run=resume_run,
+    num_nodes=num_nodes,
 )
 if not resume_run:
     paths = claim_run_dir(paths)
@@ -91,9 +89,11 @@ if paths.dbfs_output_dir:
 tensorboard_display_dir = paths.tensorboard_display_dir
 
 if dataset_is_table:
-    from training.driver.spark import table_to_jsonl
+    from training.driver.spark import table_to_parquet
+    from training.prepared_data import default_cache_dir
 
-    training_dataset = table_to_jsonl(spark, training_dataset, f"{paths.local_output_dir}.records.jsonl", columns)
+    # Checked and written as Parquet by Spark itself, beside the prepared datasets (the rows skip the driver).
+    training_dataset = table_to_parquet(spark, training_dataset, default_cache_dir(paths.local_output_dir), columns)
 
 print(f"Local Output Dir: {paths.local_output_dir}")
 print(f"DBFS Output Dir: {paths.dbfs_output_dir}")
@@ -130,6 +130,12 @@ plan = notebook_plan(
 print(f"Launcher: {plan.launcher}, nodes: {plan.num_nodes}")
 if plan.settings.deepspeed:
     print(f"Deepspeed config file: {plan.settings.deepspeed}")
+
+from training.driver.notebook import prepare_training_data
+
+# The data read, checked and tokenized once, here, into prepared_data/ beside the runs: the ranks memory-map it, and
+# a later run on the same data, template, tokenizer, max length and seed reuses it (see "Large datasets").
+prepare_training_data(plan.settings)
 
 # COMMAND ----------
 

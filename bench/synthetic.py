@@ -111,3 +111,56 @@ def build_pythia_model(
     tokenizer.save_pretrained(out_dir)
     logger.info("Built a %s Pythia-shaped model (%d parameters) in %s", shape, model.num_parameters(), out_dir)
     return out_dir
+
+
+# Model families trained by the full test tier (test/test_families.py), each as a tiny random model.
+FAMILIES = (
+    "gpt_neox",
+    "gptj",
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3_text",
+    "phi",
+    "phi3",
+    "olmo2",
+    "granite",
+    "falcon",
+    "stablelm",
+    "gpt2",
+)
+TINY_FAMILY_SHAPE = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 128,
+    "max_position_embeddings": 1024,
+    "rotary_dim": 8,  # GPT-J
+    "n_inner": 128,  # GPT-2, GPT-J
+}
+
+FAMILY_DERIVED = {"falcon": ("head_dim",)}  # settings a family's config computes itself
+
+
+def build_tiny_family_model(family: str, out_dir: str | Path, tokenizer_dir: str | Path, seed: int = 0) -> Path:
+    """A random-initialised two-layer model of ``family`` (a transformers model type) with the tokenizer in
+    ``tokenizer_dir``, written to ``out_dir`` for ``from_pretrained``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    eos = tokenizer.eos_token_id
+    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos, "pad_token_id": eos}
+    shape = {key: value for key, value in TINY_FAMILY_SHAPE.items() if key not in FAMILY_DERIVED.get(family, ())}
+    config = AutoConfig.for_model(family, vocab_size=len(tokenizer), **shape, **special)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    logger.info("Built a tiny %s model (%d parameters) in %s", family, model.num_parameters(), out_dir)
+    return out_dir

@@ -14,6 +14,7 @@
   output folder's stop file appears (the notebook's stop), then the step goes on.
 - ``hang-at:N``: as step N+1 begins, every rank sends itself SIGTERM, then sleeps far beyond any grace period (a
   step that never ends), so only the grace period can stop it.
+- ``packing-check-fails-on-rank:R``: rank R's packing self-check reports a failure (the others' pass).
 """
 
 from __future__ import annotations
@@ -94,6 +95,24 @@ class FaultyTrainer(dolly_trainer.DollyTrainer):
         super()._save_rng_state(output_dir)
 
 
+def fail_packing_check_on(rank: int) -> None:
+    import dataclasses
+
+    import training.rank.packing_check as packing_check
+
+    real_check = packing_check.check_packing
+
+    def check(*args, **kwargs):
+        result = real_check(*args, **kwargs)
+        if int(os.environ.get("RANK", "0")) != rank:
+            return result
+        return dataclasses.replace(result, difference=result.scale + 1.0)  # beyond any tolerance
+
+    packing_check.check_packing = check
+
+
 if __name__ == "__main__":
     dolly_trainer.DollyTrainer = FaultyTrainer  # what run_training builds
+    if _fault()[0] == "packing-check-fails-on-rank":
+        fail_packing_check_on(_fault()[1])
     run_cli()

@@ -45,6 +45,25 @@ def test_rotation_keeps_the_newest_complete_checkpoints_only(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]
 
 
+def test_rotation_takes_the_completeness_marker_away_before_the_shards(tmp_path, monkeypatch):
+    import shutil
+
+    import training.rank.checkpoints as checkpoints
+
+    for step in (2, 4):
+        make_checkpoint(tmp_path, step)
+
+    def deletion_cut_short(path, ignore_errors=False):  # the process dies while deleting
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", deletion_cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        rotate_checkpoints(tmp_path, keep=1)
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", shutil.rmtree)
+    # What is left of checkpoint-2 no longer claims to be complete: a resume cannot pick it.
+    assert (tmp_path / "checkpoint-2").is_dir() and list_checkpoints(tmp_path) == [tmp_path / "checkpoint-4"]
+
+
 def test_a_non_empty_folder_is_refused_and_overwrite_clears_it(tmp_path):
     make_checkpoint(tmp_path, 2)
     (tmp_path / "config.json").write_text("{}")

@@ -80,6 +80,23 @@ def test_a_launch_killed_during_its_first_op_build_does_not_hang_the_next(tiny_m
     assert not build_locks(extensions)
 
 
+def test_only_local_rank_0_clears_build_locks_and_builds_go_to_this_hosts_folder(tmp_path, monkeypatch):
+    import socket
+
+    from training.rank import op_builds
+
+    lock = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")  # no process holds it: a killed build's leftover
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert op_builds.prepare_op_builds() == [] and lock.exists()  # not this rank's to clear
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert op_builds.prepare_op_builds() == [lock] and not lock.exists()
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    assert op_builds.use_host_build_folder().name == socket.gethostname()  # never another node's builds
+
+
 @pytest.mark.launch
 def test_two_notebook_runs_at_once_each_finish_with_their_own_model(tiny_model_dir, sample_path, tmp_path):
     data = tmp_path / "twelve.jsonl"  # a shorter run than the sample's: 8 records to train on, 4 held out
@@ -164,10 +181,12 @@ def small_filesystem(tmp_path):
 
 
 def test_a_run_whose_checkpoints_cannot_fit_is_refused_before_its_model_is_loaded(
-    tiny_model_dir, sample_path, small_filesystem
+    tiny_model_dir, sample_path, small_filesystem, tmp_path
 ):
     out = small_filesystem / "out"
-    run = invoke_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--no-mlflow"))
+    # The prepared data elsewhere: this process keeps it mapped after the run, which would keep the mount busy.
+    cache = ["--dataset-cache-dir", str(tmp_path / "prepared")]
+    run = invoke_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--no-mlflow", *cache))
     assert run.exit_code == 1, run.log[-3000:]
     assert "this run needs about" in run.log and f"free on the filesystem of {out}" in run.log
     assert "lower --save-total-limit" in run.log and "--no-disk-check" in run.log

@@ -14,7 +14,7 @@ import pyarrow.parquet
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from training.data import DatasetRecordError, read_records
+from training.data import DatasetRecordError, read_records, records_dataset
 
 FIELDS = ("instruction", "response", "context", "category")
 REQUIRED = ("instruction", "response")
@@ -94,6 +94,24 @@ def test_jsonl_files_load_or_name_the_line_and_field(items, bom, blank_lines):
         path.write_bytes((codecs.BOM_UTF8 if bom else b"") + data)
         positions = [f"line {1 + index * (2 if blank_lines else 1)}" for index in range(len(items))]
         check(path, items, positions)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(items=any_records)
+def test_the_arrow_path_training_reads_gives_the_same_records_or_the_same_error(items):
+    """Training streams records into Arrow (records_dataset) instead of a list: the same records, or the same error."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "records.jsonl"
+        path.write_text("".join(json.dumps(item) + "\n" for item in items))
+        try:
+            expected: Any = read_records(str(path))
+        except DatasetRecordError as err:
+            expected = str(err)
+        try:
+            loaded: Any = list(records_dataset(str(path), cache_dir=Path(folder) / "cache"))
+        except DatasetRecordError as err:
+            loaded = str(err)
+        assert loaded == expected
 
 
 @SETTINGS

@@ -1,6 +1,7 @@
 """Generation: the pipeline's stopping and decoding, batching, loading options, and a real pretrained model."""
 
 import logging
+import math
 
 import pytest
 import torch
@@ -202,6 +203,34 @@ def test_the_stop_rate_counts_the_end_key_in_the_answer_only(tiny_model_dir):
     assert rate == 0 and not never[0].stopped and never[0].answer == "fine fine"
     rate, stopped, _ = answers.evaluate(ScriptedModel(words + [end]), step=4)
     assert rate == 1 and stopped[0].stopped and stopped[0].answer == "fine" and stopped[0].step == 4
+    assert never[0].outcome == "ran on" and stopped[0].outcome == "stopped"
+
+
+def test_an_answer_that_reaches_the_token_cap_is_told_from_one_that_ran_on(tiny_model_dir, caplog):
+    """A model that stops (rate 1), one that never does (rate 0, and the warning), and a right answer longer than
+    the cap (no verdict, no warning)."""
+    from training.rank.eval_answers import EvalAnswers, SamplePrompt
+
+    _, tokenizer = get_model_tokenizer(str(tiny_model_dir))
+    end = tokenizer.convert_tokens_to_ids(END_KEY)
+    words = tokenizer.encode(" fine fine fine fine", add_special_tokens=False)
+    prompt = tokenizer("Say fine.\n\n### Response:\n")["input_ids"]
+    short = [SamplePrompt(prompt, "Say fine.", "fine", reference_tokens=3)]  # fits in the 4-token cap
+    long = [SamplePrompt(prompt, "Say fine.", "fine " * 20, reference_tokens=21)]  # does not
+
+    stops = EvalAnswers(short, tokenizer, max_new_tokens=4)
+    assert stops.evaluate(ScriptedModel(words[:1] + [end]), step=1)[0] == 1.0
+    never = EvalAnswers(short, tokenizer, max_new_tokens=4)
+    rate, answers, _ = never.evaluate(ScriptedModel(words[:4]), step=1)
+    assert rate == 0.0 and answers[0].outcome == "ran on"
+    never.warn_if_never_stopped()
+    assert "No sample answer stopped at ### End" in caplog.text
+    caplog.clear()
+    capped = EvalAnswers(long, tokenizer, max_new_tokens=4)
+    rate, answers, _ = capped.evaluate(ScriptedModel(words[:4]), step=1)
+    assert math.isnan(rate) and answers[0].outcome == "token cap" and not answers[0].stopped
+    capped.warn_if_never_stopped()
+    assert "No sample answer stopped" not in caplog.text
 
 
 def test_sample_prompts_come_from_the_masked_prompt_of_held_out_records(tiny_model_dir, sample_path):
@@ -233,6 +262,7 @@ def test_a_run_whose_answers_never_stopped_ends_with_a_warning(tiny_model_dir, c
         answers.warn_if_never_stopped()
     assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
     answers.rates = [0.0, 0.0]
+    answers.ran_on = 3  # answers that could have stopped within the cap and did not
     with caplog.at_level(logging.WARNING):
         answers.warn_if_never_stopped()
     assert "No sample answer stopped at ### End in 2 evaluations" in caplog.text and "--lr" in caplog.text

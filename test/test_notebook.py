@@ -97,6 +97,9 @@ def test_run_paths_are_named_like_dollys(tmp_path):
     assert paths.tensorboard_display_dir == paths.local_output_dir + "/runs"
     local = run_paths("", "", "", databricks=False, timestamp="T")
     assert local.dbfs_output_dir is None and local.local_output_dir.endswith("dolly_runs/dolly__T")
+    # Many nodes on Databricks: DBFS by default (every node sees it), and no second copy there.
+    nodes = run_paths("", "", "", databricks=True, timestamp="T", num_nodes=2)
+    assert nodes.local_output_dir == "/dbfs/dolly_training/runs/dolly__T" and nodes.dbfs_output_dir is None
 
 
 def test_local_widgets_come_from_flags_then_environment_then_defaults():

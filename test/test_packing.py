@@ -284,3 +284,21 @@ def test_a_leaky_model_trains_padded_or_refuses_when_packing_is_asked_for(
     )
     assert refused.exit_code == 1 and "--packing: the packing self-check failed on this model" in refused.log
     assert "Batching with" not in refused.log  # refused before training
+
+
+@pytest.mark.launch
+def test_ranks_whose_packing_checks_disagree_all_train_on_padded_batches(tiny_model_dir, sample_path, tmp_path):
+    from helpers import assert_ok, run_trainer, zero3_run_args
+
+    run = run_trainer(
+        zero3_run_args(tiny_model_dir, sample_path, tmp_path / "out", "--max-steps", "2"),
+        deepspeed_ranks=2,
+        module="fault_injection",
+        env={"DOLLY_FAULT": "packing-check-fails-on-rank:1"},
+    )
+    assert_ok(run)
+    log = run.stdout + run.stderr
+    # Rank 0's own check passed; rank 1's failed: rank 0 takes the verdict too, and says so once.
+    assert log.count("Packing self-check failed") == 1 and "Packing self-check failed (on another rank; here:" in log
+    assert "Batching with DataCollatorForCompletionOnlyLM" in log
+    assert "Batching with DataCollatorForPackedCompletionOnlyLM" not in log

@@ -9,14 +9,15 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 from helpers import PROJECT_ROOT, TEST_DIR, notebook_cells
 
-from training.data import DatasetRecordError
+from training.data import DatasetRecordError, read_records
 from training.driver.notebook import RunPaths, notebook_plan
-from training.driver.spark import ENTRY_SCRIPT, distributor, distributor_spec, names_a_table, table_to_jsonl
+from training.driver.spark import ENTRY_SCRIPT, distributor, distributor_spec, names_a_table, table_to_parquet
 from training.rank.run_record import RUN_CONFIG_NAME
 from training.rank.spark_entry import trainer_args
 
@@ -69,10 +70,10 @@ def test_trains_from_a_table_on_two_spark_workers_then_answers(spark, tiny_model
     records = [json.loads(line) for line in sample_path.read_text().splitlines() if line.strip()]
     table = save_table(spark, "dolly_sample", records)
     assert names_a_table(spark, table) and not names_a_table(spark, "databricks/databricks-dolly-15k")
-    data = table_to_jsonl(spark, table, tmp_path / "records.jsonl")
-    assert [json.loads(line)["instruction"] for line in Path(data).read_text().splitlines()] == [
-        r["instruction"] for r in records
-    ]
+    data = table_to_parquet(spark, table, tmp_path / "prepared")
+    # Every row, in a fixed order (sorted by content), whatever order Spark read them in.
+    assert [r["instruction"] for r in read_records(data)] == sorted(r["instruction"] for r in records)
+    assert table_to_parquet(spark, table, tmp_path / "prepared") == data  # the same rows: the same folder
 
     # The notebook's launch cell, as it runs with num_nodes=2 (its plan built as the notebook builds it).
     paths = RunPaths(str(tmp_path / "out"), None, str(tmp_path / "out" / "runs"))
@@ -107,11 +108,91 @@ def test_a_bad_row_is_named_by_table_and_row(spark, sample_path, tmp_path):
     records[2]["response"] = "  "
     table = save_table(spark, "dolly_bad_row", records)
     with pytest.raises(DatasetRecordError, match=r"table default\.dolly_bad_row, row 3: field 'response' is empty"):
-        table_to_jsonl(spark, table, tmp_path / "bad.jsonl")
-    assert not (tmp_path / "bad.jsonl").exists()
+        table_to_parquet(spark, table, tmp_path)
+    assert not (tmp_path / "tables").exists()
     no_response = save_table(spark, "dolly_no_response", [{"instruction": "x", "answer": "y"}])
     with pytest.raises(DatasetRecordError, match=r"table default\.dolly_no_response: no column 'response'"):
-        table_to_jsonl(spark, no_response, tmp_path / "bad.jsonl")
+        table_to_parquet(spark, no_response, tmp_path)
+    numbers = save_table(spark, "dolly_numbers", [{"instruction": "x", "response": 7}])
+    with pytest.raises(DatasetRecordError, match=r"table default\.dolly_numbers: field 'response' must hold strings"):
+        table_to_parquet(spark, numbers, tmp_path)
+
+
+def test_a_run_folder_the_workers_do_not_share_is_refused_before_the_launch(spark, tmp_path):
+    from training.driver.spark import NotSharedError, check_shared_storage
+
+    # The same absolute path, a different folder on each machine (as /local_disk0 is on Databricks): the driver's
+    # working folder and each worker's are different folders behind the one path /proc/self/cwd.
+    node_local = "/proc/self/cwd/dolly-check"
+    try:
+        with pytest.raises(NotSharedError, match="set the local_training_root widget to storage every node sees"):
+            check_shared_storage(spark, node_local, 2, widget="local_training_root")
+    finally:
+        os.rmdir(node_local)
+    check_shared_storage(spark, tmp_path / "shared", 2, widget="local_training_root")  # a folder both see
+    assert not list((tmp_path / "shared").iterdir())  # the probe is taken away
+
+
+LARGE_TABLE_ROWS = 100_000
+
+
+def anonymous_memory() -> int:
+    """This process's RssAnon (bytes): memory that is not a file's pages."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+def large_frame(spark, bad_row_id: int | None = None):
+    from pyspark.sql import functions as F
+
+    ids = F.col("id").cast("string")
+    response = F.concat(F.lit("A note about the fox, number "), ids, F.lit("."))
+    if bad_row_id is not None:
+        response = F.when(F.col("id") == bad_row_id, F.lit(" ")).otherwise(response)
+    return spark.range(LARGE_TABLE_ROWS).select(
+        F.concat(F.lit("Summarise note "), ids).alias("instruction"),
+        F.concat(F.lit("Note "), ids, F.lit(": "), F.repeat(F.lit("The quick brown fox jumps over the dog. "), 12)).alias(
+            "context"
+        ),
+        response.alias("response"),
+        F.lit("summarization").alias("category"),
+    )
+
+
+def test_a_large_table_skips_the_drivers_memory_and_trains(spark, tiny_model_dir, tmp_path):
+    from helpers import assert_finished, invoke_trainer, quick_training_args
+
+    large_frame(spark).coalesce(1).write.mode("overwrite").saveAsTable("dolly_large")
+    table_bytes = LARGE_TABLE_ROWS * 560  # about 560 bytes of text a row
+    peak, sampling = [anonymous_memory()], threading.Event()
+
+    def sample() -> None:
+        while not sampling.wait(0.02):
+            peak.append(anonymous_memory())
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        folder = table_to_parquet(spark, "default.dolly_large", tmp_path / "prepared")
+    finally:
+        sampling.set()
+        sampler.join()
+    growth = max(peak) - peak[0]
+    # The old way (toLocalIterator, one JSON string) held every row here: more than the table's 56 MB.
+    assert growth < table_bytes / 5, f"the driver grew by {growth / 1e6:.0f} MB for a {table_bytes / 1e6:.0f} MB table"
+
+    args = quick_training_args(tiny_model_dir, Path(folder), tmp_path / "out", "--max-steps", "1", "--test-size", "0")
+    run = invoke_trainer([*args, "--eval-answers", "0", "--no-mlflow", "--save-steps", "100"])
+    assert_finished(run)
+    record = json.loads((tmp_path / "out" / RUN_CONFIG_NAME).read_text())
+    assert record["data"]["records"] == LARGE_TABLE_ROWS
+
+    # A bad row among them is still named by the table, its row (in the table's order) and its column.
+    large_frame(spark, bad_row_id=73_210).coalesce(1).write.mode("overwrite").saveAsTable("dolly_large_bad")
+    with pytest.raises(DatasetRecordError, match=r"table default\.dolly_large_bad, row 73211: field 'response' is empty"):
+        table_to_parquet(spark, "default.dolly_large_bad", tmp_path / "prepared")
 
 
 def test_the_distributor_commands_reach_the_trainer(spark, monkeypatch):

@@ -244,3 +244,47 @@ def test_signal_handlers_are_given_back(tmp_path):
     with StopRequests(tmp_path, grace_period_s=60):
         assert signal.getsignal(signal.SIGTERM) is not before
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_stop_file_older_than_the_run_is_removed_at_start_and_a_new_one_kept(tmp_path, caplog):
+    from training.rank.stopping import process_started
+
+    stop_file = tmp_path / STOP_FILE_NAME
+    stop_file.write_text("{}")
+    before = process_started() - 60
+    os.utime(stop_file, (before, before))  # left by a notebook that died before this process started
+    with StopRequests(tmp_path, grace_period_s=60):
+        assert not stop_file.exists()
+    assert "before this run started" in caplog.text and "not a stop request to it" in caplog.text
+    stop_file.write_text("{}")  # written while this run runs: a request
+    with StopRequests(tmp_path, grace_period_s=60) as requests:
+        assert stop_file.exists() and requests.stop_file_asks()
+
+
+@pytest.mark.launch
+def test_a_stop_on_an_evaluation_step_saves_without_evaluating_and_a_stale_stop_file_does_not_stop_the_resume(
+    tiny_model_dir, sample_path, tmp_path
+):
+    out = tmp_path / "out"
+    args = zero3_run_args(tiny_model_dir, sample_path, out)  # evaluates at steps 2 and 4
+
+    def stop_when_paused() -> None:  # the notebook's stop: the stop file, while step 2 runs
+        while not (out / ".paused-rank0").exists():
+            time.sleep(0.1)
+        (out / STOP_FILE_NAME).write_text("{}")
+
+    threading.Thread(target=stop_when_paused, daemon=True).start()
+    stopped = run_trainer(
+        args, deepspeed_ranks=2, module="fault_injection", env={"DOLLY_FAULT": "pause-for-stop-file-at:1"}
+    )
+    log = stopped.stdout + stopped.stderr
+    assert stopped.returncode == STOPPED_EXIT_CODE, log[-4000:]
+    assert_stopped_with_a_checkpoint(out, log, step=2)
+    assert "eval_loss" not in log  # step 2 is an evaluation step: the checkpoint came without the evaluation
+
+    (out / STOP_FILE_NAME).write_text("{}")  # a notebook that died before taking its stop back, a while ago
+    os.utime(out / STOP_FILE_NAME, (time.time() - 60, time.time() - 60))
+    resumed = run_trainer(args + ["--resume"], deepspeed_ranks=2)
+    assert_ok(resumed)
+    assert "not a stop request to it" in resumed.stdout + resumed.stderr
+    assert is_finished_output(out) and (out / "checkpoint-4" / COMPLETE_MARKER).exists()

@@ -159,7 +159,7 @@ def training_features(
 
 
 # Below this many records per process, starting worker processes costs more than it saves.
-RECORDS_PER_PROCESS = 20_000
+RECORDS_PER_PROCESS = 5_000
 MAX_PROCESSES = 16
 
 

@@ -192,6 +192,12 @@ class TrainSettings:
         kind="switch",
         help="Log the run to MLflow from rank 0 (where MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_NAME say).",
     )
+    mlflow_log_checkpoints: bool = setting(
+        False,
+        kind="switch",
+        help="Also log the kept checkpoints to the MLflow run (under checkpoints/, never in the model): for 12B models "
+        "hundreds of GB each.",
+    )
     tensorboard: bool = setting(True, kind="switch", help="Write TensorBoard logs to OUTPUT/runs (rank 0).")
     columns: str | None = setting(
         None,
@@ -230,7 +236,7 @@ class TrainSettings:
     dataset_num_proc: int | None = setting(
         None,
         check=at_least_one,
-        help="Processes that tokenize the data; default: the cores available, one per 20,000 records, at most 16.",
+        help="Processes that tokenize the data; default: the cores available, one per 5,000 records, at most 16.",
     )
     allow_changed_data: bool = setting(
         False,

@@ -33,7 +33,7 @@ from .rank.distributed import (
 from .rank.dolly_trainer import DollyTrainer, run_training, training_arguments
 from .rank.elastic import resume_point
 from .rank.modeling import get_model_tokenizer, load_model, load_tokenizer
-from .rank.op_builds import clear_dead_build_locks
+from .rank.op_builds import prepare_op_builds
 from .rank.option_checks import check_max_length
 from .rank.packing import DataCollatorForPackedCompletionOnlyLM
 from .rank.prepare import PreparedRun, parameter_count, prepare, split_dataset
@@ -142,7 +142,7 @@ def main(ctx: click.Context, config_file: str | None, **options) -> None:
         raise click.UsageError(str(err)) from None
     check_max_length(settings)  # before any model is loaded or process group started
     if settings.deepspeed:
-        clear_dead_build_locks()  # DeepSpeed builds ops on first use: a killed build must not hang this launch
+        prepare_op_builds()  # DeepSpeed builds ops on first use: a killed build must not hang this launch
     try:
         train(settings)
     except (SettingsError, DiskTooSmallError) as err:  # found before any model was loaded: no traceback

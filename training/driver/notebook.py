@@ -202,9 +202,13 @@ def run_paths(
     databricks: bool,
     timestamp: str | None = None,
     resume_run: str = "",
+    num_nodes: int = 1,
 ) -> RunPaths:
     """Output folders named like Dolly's: ``dolly[__<experiment>]__<timestamp>`` under each root; or, to continue a
-    stopped run, that run's folders (``resume_run``: its folder's name under the training root)."""
+    stopped run, that run's folders (``resume_run``: its folder's name under the training root).
+
+    On many nodes the training root must be storage every node sees: on Databricks it defaults to DBFS (not the
+    driver's ``/local_disk0``), and a root already on DBFS or a volume is not copied there again."""
     timestamp = timestamp or datetime.now().strftime("%Y-%m-%dT%H:%M:%S")
     model_name = "dolly"
     if experiment_id:
@@ -215,13 +219,17 @@ def run_paths(
         raise ValueError(f"resume_run names a run folder under the training root, got '{resume_run}'")
     if not local_training_root:
         # Prefer /local_disk0 (fast local NVMe on Databricks); otherwise the home folder, or ./dolly_runs locally.
-        if databricks and os.path.exists("/local_disk0"):
+        # Many nodes: DBFS, which every node sees (the launch checks the folder is shared, see driver/spark.py).
+        if databricks and num_nodes > 1:
+            local_training_root = f"/dbfs/{DOLLY_TRAINING_DIR_NAME}/runs"
+        elif databricks and os.path.exists("/local_disk0"):
             local_training_root = os.path.join("/local_disk0", DOLLY_TRAINING_DIR_NAME)
         elif databricks:
             local_training_root = os.path.join(os.path.expanduser("~"), DOLLY_TRAINING_DIR_NAME)
         else:
             local_training_root = str(PROJECT_ROOT / "dolly_runs")
-    if not dbfs_output_root and databricks:
+    already_shared = local_training_root.startswith(("/dbfs/", "/Volumes/"))
+    if not dbfs_output_root and databricks and not already_shared:
         dbfs_output_root = f"/dbfs/{DOLLY_TRAINING_DIR_NAME}"
     local_output_dir = os.path.join(local_training_root, checkpoint_dir_name)
     dbfs_output_dir = os.path.join(dbfs_output_root, checkpoint_dir_name) if dbfs_output_root else None
@@ -409,3 +417,14 @@ def evaluate_run(
         for name in (EVALUATION_NAME, CARD_NAME):
             shutil.copy2(Path(paths.local_output_dir) / name, Path(paths.dbfs_output_dir) / name)
     return result
+
+
+def prepare_training_data(settings: TrainSettings) -> None:
+    """Prepare the run's data here, in the driver, before the launch (the ranks then reuse it, and on many nodes
+    one machine prepares for all of them); a resume is checked against its checkpoint first. The main rank does the
+    same when the driver cannot (the trainer's command line)."""
+    from ..rank.checkpoints import list_checkpoints
+    from ..rank.training_data import prepare_on_main, resolved_max_length
+
+    checkpoints = list_checkpoints(Path(settings.local_output_dir)) if settings.resume else []
+    prepare_on_main(settings, resolved_max_length(settings), checkpoints[-1] if checkpoints else None)

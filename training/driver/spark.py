@@ -1,8 +1,9 @@
 """Training through Spark: Databricks tables as data, and multi-node runs on a Spark cluster's workers.
 
-**Tables.** Training ranks have no Spark session, so the notebook (the Spark driver) reads a table once, checks
-every row as a dolly record (an error names the table, the row as Spark returned it, counted from 1, and the
-field), and writes the rows to a JSON Lines file beside the run's output; the ranks train from that file.
+**Tables.** Training ranks have no Spark session, so the notebook (the Spark driver) has Spark check every row as a
+dolly record (an error names the table, the row as Spark reads it, counted from 1, and the field) and write the
+rows as Parquet, sorted, into the prepared-data cache (:func:`table_to_parquet`); the ranks train from that folder.
+The rows never pass through the driver's memory.
 
 **Multi-node.** Spark's distributors start one barrier task per node, and each task runs ``torchrun`` for that
 node's processes, rendezvousing at the first task's executor. ``DeepspeedTorchDistributor`` runs one process per
@@ -14,10 +15,15 @@ batches. The output folder and the data must be on storage every node sees.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
+import shutil
+import socket
 import threading
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -51,10 +57,24 @@ def names_a_table(spark: Any, name: str) -> bool:
         return False
 
 
-def table_records(spark: Any, table: str, columns: str | None = None) -> Iterable[dict[str, Any]]:
-    """The table's rows, checked as dolly records in the user's ``columns``, in the order Spark returns them: each
-    row's mapped columns, under the table's own names (the ranks read them with the same mapping)."""
-    mapping = Columns.parse(columns)
+ROW_ID = "_dolly_row_id"
+PARTITION_SHIFT = 33  # monotonically_increasing_id: the partition in the upper bits, the row within it below
+TABLE_INFO_NAME = ".dolly_table.json"  # hidden: the folder reader takes every .json file for data
+
+
+def spark_uri(path: str | os.PathLike) -> str:
+    """Where Spark writes a path the ranks read as a file path: ``/dbfs/x`` as ``dbfs:/x``, a Unity Catalog volume
+    as it is, anything else as a local file (``file:``)."""
+    path = str(path)
+    if path.startswith("/dbfs/"):
+        return "dbfs:" + path[len("/dbfs") :]
+    if path.startswith("/Volumes/"):
+        return path
+    return "file:" + str(Path(path).absolute())
+
+
+def _checked_frame(spark: Any, table: str, mapping: Columns) -> tuple[Any, list[str]]:
+    """The table and its mapped columns, after the checks its schema allows (columns there, strings)."""
     frame = spark.table(table)
     missing = [
         f"'{getattr(mapping, field)}'" + ("" if getattr(mapping, field) == field else f" (the {field})")
@@ -66,22 +86,80 @@ def table_records(spark: Any, table: str, columns: str | None = None) -> Iterabl
             f"table {table}: no column {', '.join(missing)} (its columns: {', '.join(frame.columns)})"
         )
     wanted = [getattr(mapping, item) for item in (*REQUIRED_FIELDS, *OPTIONAL_FIELDS)]
-    for number, row in enumerate(frame.toLocalIterator(), start=1):
-        raw = row.asDict()
-        validate_record(raw, f"table {table}, row {number}", mapping)
-        yield {column: raw[column] for column in wanted if column in raw}
+    wanted = [column for column in wanted if column in frame.columns]
+    types = dict(frame.dtypes)
+    for field in (*REQUIRED_FIELDS, *OPTIONAL_FIELDS):
+        column = getattr(mapping, field)
+        if column in types and types[column] != "string":
+            raise DatasetRecordError(
+                f"table {table}: {mapping.describe(field)} must hold strings, its type is {types[column]}"
+            )
+    return frame, wanted
 
 
-def table_to_jsonl(spark: Any, table: str, destination: str | os.PathLike, columns: str | None = None) -> str:
-    """Read and check a table through Spark and write its records as JSON Lines; returns the file's path."""
-    destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps(record, ensure_ascii=False) for record in table_records(spark, table, columns)]
-    if not lines:
+def _table_summary(frame: Any, wanted: list[str], mapping: Columns) -> tuple[int, str, int | None]:
+    """One pass over the table in Spark: its row count, a digest of its rows (the same whatever their order), and
+    the id of its first row that is not a dolly record (None when every row is)."""
+    from pyspark.sql import functions as F
+
+    bad = F.lit(False)
+    for field in REQUIRED_FIELDS:
+        column = F.col(getattr(mapping, field))
+        bad = bad | column.isNull() | column.rlike(r"^\s*$")
+    digest_input = [F.coalesce(F.col(column), F.lit("\u0000null")) for column in wanted]
+    row = frame.agg(
+        F.count(F.lit(1)).alias("rows"),
+        F.sum(F.xxhash64(*digest_input).cast("decimal(38,0)")).alias("digest"),
+        F.min(F.when(bad, F.col(ROW_ID))).alias("first_bad"),
+    ).first()
+    digest = hashlib.sha256(f"{wanted}|{row['rows']}|{row['digest']}".encode()).hexdigest()[:20]
+    return int(row["rows"]), digest, row["first_bad"]
+
+
+def _raise_for_row(frame: Any, table: str, mapping: Columns, row_id: int) -> None:
+    """The error for the row ``row_id``, named by its number in the order Spark reads the table (from 1)."""
+    from pyspark.sql import functions as F
+
+    partition, offset = row_id >> PARTITION_SHIFT, row_id & ((1 << PARTITION_SHIFT) - 1)
+    before = frame.filter(F.shiftright(F.col(ROW_ID), PARTITION_SHIFT) < partition).count()
+    row = frame.filter(F.col(ROW_ID) == row_id).first().asDict()
+    del row[ROW_ID]
+    validate_record(row, f"table {table}, row {before + offset + 1}", mapping)
+    raise DatasetRecordError(f"table {table}, row {before + offset + 1}: not a dolly record")  # Python's own check passed
+
+
+def table_to_parquet(spark: Any, table: str, cache_dir: str | os.PathLike, columns: str | None = None) -> str:
+    """Check a table's rows as dolly records in Spark and have Spark write them as Parquet, sorted by their content
+    (a fixed order, whatever order Spark reads them in), into ``cache_dir/tables/``; returns the folder.
+
+    Nothing of the table passes through this process: Spark computes the checks and a digest of the rows (one pass),
+    and its executors write the files. A table with the same rows again reuses its folder. An error names the table,
+    the row (in the order Spark reads the table, counted from 1) and the column, as for a file.
+    """
+    from pyspark.sql import functions as F
+
+    mapping = Columns.parse(columns)
+    frame, wanted = _checked_frame(spark, table, mapping)
+    frame = frame.select(*wanted, F.monotonically_increasing_id().alias(ROW_ID))
+    rows, digest, first_bad = _table_summary(frame, wanted, mapping)
+    if rows == 0:
         raise DatasetRecordError(f"table {table}: no rows")
-    write_atomically(destination, "\n".join(lines) + "\n")
-    logger.info("Read %d records from table %s into %s", len(lines), table, destination)
-    return str(destination)
+    if first_bad is not None:
+        _raise_for_row(frame, table, mapping, first_bad)
+    folder = Path(cache_dir) / "tables" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', table)}-{digest}"
+    if (folder / TABLE_INFO_NAME).is_file():
+        logger.info("Reusing %s for table %s (the same %d rows)", folder, table, rows)
+        return str(folder)
+    building = folder.with_name(f".building-{folder.name}-{os.getpid()}")
+    frame.select(*wanted).orderBy(*wanted).write.mode("overwrite").parquet(spark_uri(building))
+    (building / "_SUCCESS").unlink(missing_ok=True)  # Spark's marker: not data; the info file marks it complete
+    write_atomically(building / TABLE_INFO_NAME, json.dumps({"table": table, "rows": rows, "columns": wanted}) + "\n")
+    try:
+        building.rename(folder)
+    except OSError:  # another run wrote the same rows first
+        shutil.rmtree(building, ignore_errors=True)
+    logger.info("Wrote the %d rows of table %s to %s", rows, table, folder)
+    return str(folder)
 
 
 # ---- multi-node ----
@@ -133,6 +211,45 @@ def processes_per_node(plan: LaunchPlan, spark: Any) -> int:
     return int(float(gpus))
 
 
+SHARED_CHECK_PREFIX = ".dolly-shared-check-"
+
+
+class NotSharedError(RuntimeError):
+    """The run's folder is not the same folder on every worker."""
+
+
+def check_shared_storage(spark: Any, folder: str | os.PathLike, num_nodes: int, *, widget: str) -> None:
+    """Refuse a run folder that a worker does not see as the driver does: the driver writes a file there, and a task
+    on each of ``num_nodes`` workers (scheduled together, as the distributor's are) looks for it. Records,
+    checkpoints, the stop file and the finished model all live in that folder, so every node must share it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex
+    probe = folder / f"{SHARED_CHECK_PREFIX}{token}"
+    probe.write_text(token)
+
+    def look(_: Any) -> Iterable[tuple[str, bool]]:
+        try:
+            seen = probe.read_text() == token
+        except OSError:
+            seen = False
+        yield socket.gethostname(), seen
+
+    try:
+        views = spark.sparkContext.parallelize(range(num_nodes), num_nodes).barrier().mapPartitions(look).collect()
+    finally:
+        probe.unlink(missing_ok=True)
+    blind = sorted({host for host, seen in views if not seen})
+    if blind:
+        raise NotSharedError(
+            f"{folder} is not shared by the workers ({', '.join(blind)} cannot see a file the driver wrote there): "
+            f"with num_nodes {num_nodes}, set the {widget} widget to storage every node sees (on Databricks a Unity "
+            "Catalog volume, /Volumes/..., or /dbfs/...; elsewhere a shared filesystem): records, checkpoints, the "
+            "stop file and the finished model all live there"
+        )
+    logger.info("%s is shared by the %d workers", folder, num_nodes)
+
+
 def train_on_spark(plan: LaunchPlan, spark: Any) -> None:
     """Run the plan's training on ``plan.num_nodes`` workers of the ``spark`` session's cluster.
 
@@ -141,6 +258,7 @@ def train_on_spark(plan: LaunchPlan, spark: Any) -> None:
     ``TrainingFailedError`` with the failing rank's output if training fails, or if it ends without a finished model
     in the plan's output folder.
     """
+    check_shared_storage(spark, plan.output_dir, plan.num_nodes, widget="local_training_root")
     config = plan.settings.deepspeed
     runner = distributor(
         num_nodes=plan.num_nodes,

@@ -90,6 +90,9 @@ def rotate_checkpoints(output_dir: str | os.PathLike, keep: int | None) -> None:
     complete = [c for c in checkpoint_folders(output_dir) if is_complete(c)]
     for checkpoint in complete[:-keep]:
         logger.info("Deleting older checkpoint %s (save_total_limit %d)", checkpoint, keep)
+        # The marker first: a deletion cut short leaves an incomplete checkpoint (never resumed from, removed at the
+        # next start), not one that claims to be complete with its shards half gone.
+        (checkpoint / COMPLETE_MARKER).unlink(missing_ok=True)
         shutil.rmtree(checkpoint, ignore_errors=True)
 
 

@@ -69,16 +69,18 @@ class DiskEstimate:
     final_model_bytes: int
     free_bytes: int
     folder: Path
+    mlflow_model_bytes: int = 0  # the MLflow model's copy of the finished model (a local artifact store, or staging)
 
     @property
     def needed_bytes(self) -> int:
-        return self.checkpoint_bytes * self.checkpoints_at_once + self.final_model_bytes
+        return self.checkpoint_bytes * self.checkpoints_at_once + self.final_model_bytes + self.mlflow_model_bytes
 
     def describe(self) -> str:
+        mlflow = f", its MLflow copy of about {human_size(self.mlflow_model_bytes)}" if self.mlflow_model_bytes else ""
         return (
             f"{self.checkpoints_at_once} checkpoint(s) of about {human_size(self.checkpoint_bytes)} at once and the "
-            f"finished model of about {human_size(self.final_model_bytes)}; {human_size(self.free_bytes)} free on the "
-            f"filesystem of {self.folder}"
+            f"finished model of about {human_size(self.final_model_bytes)}{mlflow}; {human_size(self.free_bytes)} free "
+            f"on the filesystem of {self.folder}"
         )
 
 
@@ -187,7 +189,8 @@ def estimate_disk(
         checkpoint_bytes=per_checkpoint,
         checkpoints_at_once=checkpoints_at_once(settings, planned_steps(settings, train_records, world_size), existing)
         + (1 if universal else 0),
-        final_model_bytes=final_model_bytes(counts, settings, precision),
+        final_model_bytes=(final := final_model_bytes(counts, settings, precision)),
+        mlflow_model_bytes=final if settings.mlflow else 0,
         free_bytes=shutil.disk_usage(nearest_existing(output)).free,
         folder=nearest_existing(output),
     )

@@ -73,6 +73,15 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def every_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """Whether ``flag`` holds on every rank (collective: every rank calls it; a lone process answers its own)."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([1 if flag else 0], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value.item())
+
+
 SHM_SEGMENT_FOLDER = Path("/dev/shm")
 
 

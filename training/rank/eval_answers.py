@@ -1,9 +1,13 @@
 """Answers and stop rate at every evaluation: is the model learning to answer, and to stop?
 
 At each evaluation the run answers a few fixed held-out instructions greedily and logs, beside ``eval_loss``,
-``eval_stop_rate`` (the share of answers that end with ``### End``) and the answers themselves: a table in MLflow
-(step, instruction, reference, answer, stopped) and text in TensorBoard. A model that never learns to stop is a
-classic silent failure; a run whose stop rate never rose above 0 ends with a warning saying what to check.
+``eval_stop_rate`` and the answers themselves: a table in MLflow (step, instruction, reference, answer, stopped,
+outcome) and text in TensorBoard. Each answer's outcome is ``stopped`` (it ended with ``### End``), ``token cap``
+(it reached ``--eval-answer-tokens`` where the reference answer is longer than that: a right answer would too) or
+``ran on`` (it did not stop where the reference had ended, or ended at EOS without ``### End``). The stop rate is
+the share stopped among the answers that could have stopped within the cap (NaN when every answer reached it). A model that never learns to stop is a
+classic silent failure; a run whose answers ran on and never stopped ends with a warning saying what to check (not
+one whose answers only reached the cap).
 
 Every rank takes part (under ZeRO-3 each forward pass gathers the partitioned weights from all ranks): the prompts
 are shared out, each rank generates its own (``synced_gpus`` keeps the ranks stepping together until the last one
@@ -37,6 +41,10 @@ class Answer:
     reference: str
     answer: str
     stopped: bool
+    outcome: str = "stopped"  # stopped, token cap, ran on
+
+
+STOPPED, TOKEN_CAP, RAN_ON = "stopped", "token cap", "ran on"
 
 
 def stop_reason(new_tokens: list[int], end_id: int, eos_id: int | None) -> tuple[int, str]:
@@ -63,6 +71,7 @@ class SamplePrompt:
     prompt_ids: list[int]
     instruction: str
     reference: str
+    reference_tokens: int = 0  # the reference answer's tokens, ``### End`` included
 
 
 def sample_prompts(eval_records: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase) -> list[SamplePrompt]:
@@ -73,7 +82,7 @@ def sample_prompts(eval_records: list[dict[str, Any]], tokenizer: PreTrainedToke
         start = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
         prompt = tokenizer.decode(ids[:start])
         reference = tokenizer.decode(ids[start:], skip_special_tokens=True).strip()
-        samples.append(SamplePrompt(ids[:start], instruction_of(prompt), reference))
+        samples.append(SamplePrompt(ids[:start], instruction_of(prompt), reference, len(ids) - start))
     return samples
 
 
@@ -86,6 +95,7 @@ class EvalAnswers:
         self.max_new_tokens = max_new_tokens
         self.end_id = tokenizer.convert_tokens_to_ids(END_KEY)
         self.rates: list[float] = []
+        self.ran_on = 0  # answers so far that ran on where they could have stopped
 
     def _generate(self, model: PreTrainedModel, prompt_ids: list[int], synced: bool) -> list[int]:
         device = next(model.parameters()).device
@@ -132,28 +142,43 @@ class EvalAnswers:
             end, why = stop_reason(tokens, self.end_id, self.tokenizer.eos_token_id)
             text = self.tokenizer.decode(tokens[:end], skip_special_tokens=True).strip()
             sample = self.samples[index]
-            answers.append(Answer(step, sample.instruction, sample.reference, text, why == "end_key"))
+            outcome = self.outcome(why, sample)
+            answers.append(Answer(step, sample.instruction, sample.reference, text, outcome == STOPPED, outcome))
         return answers
+
+    def outcome(self, why: str, sample: SamplePrompt) -> str:
+        """``stopped``, ``token cap`` (no room to stop where a right answer would), or ``ran on``."""
+        if why == "end_key":
+            return STOPPED
+        if why == "length" and sample.reference_tokens > self.max_new_tokens:
+            return TOKEN_CAP
+        return RAN_ON
 
     def evaluate(self, model: PreTrainedModel, step: int) -> tuple[float, list[Answer], float]:
         """The stop rate, the answers and the seconds they took, at ``step`` (collective)."""
         started = time.perf_counter()
         answers = self.answer(model, step)
         seconds = time.perf_counter() - started
-        rate = sum(answer.stopped for answer in answers) / max(1, len(answers))
+        counts = {outcome: sum(a.outcome == outcome for a in answers) for outcome in (STOPPED, TOKEN_CAP, RAN_ON)}
+        could_stop = counts[STOPPED] + counts[RAN_ON]
+        rate = counts[STOPPED] / could_stop if could_stop else float("nan")  # all reached the cap: no verdict
         self.rates.append(rate)
+        self.ran_on += counts[RAN_ON]
         logger.info(
-            "Sample answers at step %d: %d of %d stopped at %s (%.1f s)",
+            "Sample answers at step %d: %d of %d stopped at %s, %d ran on, %d reached the %d-token cap (%.1f s)",
             step,
-            sum(a.stopped for a in answers),
+            counts[STOPPED],
             len(answers),
             END_KEY,
+            counts[RAN_ON],
+            counts[TOKEN_CAP],
+            self.max_new_tokens,
             seconds,
         )
         return rate, answers, seconds
 
     def warn_if_never_stopped(self) -> None:
-        if self.rates and max(self.rates) == 0:
+        if self.ran_on and not any(rate > 0 for rate in self.rates):
             logger.warning(
                 "No sample answer stopped at %s in %d evaluations (eval_stop_rate stayed 0): the model has not learned "
                 "to end its answers. Check that the records' responses are whole (records longer than --max-length "
@@ -182,9 +207,9 @@ def log_answers(answers: list[Answer], step: int, tensorboard_writer: Any = None
         def cell(text: Any) -> str:  # one markdown table cell
             return str(text).replace("|", "\\|").replace("\n", "<br>")
 
-        lines = ["| instruction | reference | answer | stopped |", "|---|---|---|---|"]
+        lines = ["| instruction | reference | answer | outcome |", "|---|---|---|---|"]
         lines += [
-            "| " + " | ".join(cell(r[key]) for key in ("instruction", "reference", "answer", "stopped")) + " |"
+            "| " + " | ".join(cell(r[key]) for key in ("instruction", "reference", "answer", "outcome")) + " |"
             for r in rows
         ]
         tensorboard_writer.add_text(TENSORBOARD_TAG, "\n".join(lines), step)

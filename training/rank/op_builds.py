@@ -7,12 +7,18 @@ else waits for the file to go. A builder killed part-way (a launch stopped durin
 behind, and every later launch then waits for it forever. A lock that no process has open, seen twice a moment
 apart, is such a leftover: it is removed, with a warning. A lock a live process holds is a build in progress: the
 log says which process this launch will wait for.
+
+"No process has it open" can only be known of this machine's processes, so builds go to a folder of this host's
+own (torch's default build folder with the host name below it, unless ``TORCH_EXTENSIONS_DIR`` says otherwise: a
+home folder shared by nodes would make another node's build look abandoned), and only each node's local rank 0
+clears its locks.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -28,6 +34,24 @@ def extensions_root() -> Path:
     from torch.utils.cpp_extension import get_default_build_root
 
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+
+
+def use_host_build_folder() -> Path:
+    """Point torch's builds at this host's own folder (unless ``TORCH_EXTENSIONS_DIR`` is set); return it."""
+    if not os.environ.get("TORCH_EXTENSIONS_DIR"):
+        from torch.utils.cpp_extension import get_default_build_root
+
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(get_default_build_root()) / socket.gethostname())
+    return extensions_root()
+
+
+def prepare_op_builds() -> list[Path]:
+    """Before DeepSpeed builds anything, on every rank: this host's build folder; on local rank 0: its dead locks
+    cleared (:func:`clear_dead_build_locks`). Returns the locks removed."""
+    root = use_host_build_folder()
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return []
+    return clear_dead_build_locks(root)
 
 
 def build_locks(root: Path) -> list[Path]:

@@ -42,6 +42,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from ..preprocess import IGNORE_INDEX
 from ..settings import SettingsError
 from .collators import DataCollatorForCompletionOnlyLM, labels_for
+from .distributed import every_rank, is_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -241,20 +242,24 @@ def choose_collator(
     from .packing_check import check_packing
 
     result = check_packing(model, tokenizer, check_with, precision)
-    if result.passed:
+    # One verdict for the run: ranks that batched differently would no longer run matching collectives.
+    passed_everywhere = every_rank(result.passed, next(model.parameters()).device)
+    if passed_everywhere:
         logger.info("Packing self-check passed: %s", result.describe())
         return collator
     restore_attention(model)
+    where = result.describe() if not result.passed else "on another rank; here: " + result.describe()
     if packing:
         raise PackingRefused(
-            f"--packing: the packing self-check failed on this model ({result.describe()}): records in a packed row "
+            f"--packing: the packing self-check failed on this model ({where}): records in a packed row "
             "would see each other; run with --no-packing"
         )
-    logger.warning(
-        "Packing self-check failed (%s): records in a packed row would see each other, so this run trains on padded "
-        "batches (--packing would refuse; --no-packing skips the check)",
-        result.describe(),
-    )
+    if is_main_process():  # the same verdict on every rank: said once
+        logger.warning(
+            "Packing self-check failed (%s): records in a packed row would see each other, so every rank trains on "
+            "padded batches (--packing would refuse; --no-packing skips the check)",
+            where,
+        )
     return None
 
 

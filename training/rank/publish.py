@@ -21,7 +21,7 @@ from .saving import (
     save_failed,
     write_pipeline_code,
 )
-from .tracking import log_run_files
+from .tracking import log_checkpoints, log_run_files
 
 if TYPE_CHECKING:
     from .prepare import PreparedRun
@@ -93,6 +93,8 @@ def publish(trainer: Trainer, prepared: PreparedRun, recorder: RunRecorder, trac
         from ..saved_model.mlflow_model import log_pipeline_model
 
         log_run_files(tracking, output_dir, [RUN_CONFIG_NAME, CARD_NAME, LOSS_PLOT_NAME])
-        log_pipeline_model(output_dir, registered_model_name=settings.register_model)
+        log_pipeline_model(output_dir, registered_model_name=settings.register_model)  # the model's files only
+        if settings.mlflow_log_checkpoints:
+            log_checkpoints(tracking, output_dir)
     trainer.accelerator.wait_for_everyone()  # no rank leaves while the main process is still writing
     trainer.accelerator.free_memory()  # releases the DeepSpeed engine: its hooks, buffers and optimizer

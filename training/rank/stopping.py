@@ -10,7 +10,9 @@ How a stop travels:
 - **Agreement.** At the end of every optimizer step the ranks all-reduce their requests (one integer), so every rank
   stops after the same step; the Trainer then saves a checkpoint there (marked complete once every rank wrote its
   part) and leaves its loop. The run publishes nothing, exits with :data:`STOPPED_EXIT_CODE`, and its last log line
-  is "stopped at step N: run again with --resume".
+  is "stopped at step N: run again with --resume". A stop on an evaluation step saves without evaluating.
+- **Stale requests.** A stop file older than the run (its launcher's start) is removed at start, with a log line:
+  a notebook that died before taking its stop back must not stop the next ``--resume``.
 - **At once.** A second signal (more than :data:`SAME_STOP_WITHIN_S` after the first: launchers pass one signal on
   as another) or the grace period running out (``--stop-grace-period``) ends the rank at once, leaving the last
   complete checkpoint as it is.
@@ -76,6 +78,13 @@ def launcher_ancestors() -> list[Launcher]:
         except psutil.Error:
             break
     return found
+
+
+def process_started() -> float:
+    """When this process started (seconds since the epoch)."""
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 def launcher_alive(launcher: Launcher) -> bool:
@@ -168,11 +177,30 @@ class StopRequests:
                 self.request(f"the launcher that started this rank exited (pid {gone.pid}: {gone.command})")
                 return
 
+    def remove_stale_stop_file(self, run_started: float) -> None:
+        """A stop file written before this run began (a notebook that died before taking its stop back) is not a
+        request to this run: the main process removes it, and says so."""
+        if not is_main_process():
+            return
+        try:
+            written = self.stop_file.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if written < run_started:
+            self.stop_file.unlink(missing_ok=True)
+            logger.warning(
+                "Removed %s: written %s, before this run started (%s), so not a stop request to it",
+                self.stop_file,
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(written)),
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run_started)),
+            )
+
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
                 self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
         launchers = launcher_ancestors()
+        self.remove_stale_stop_file(min([launcher.started for launcher in launchers] or [process_started()]))
         if launchers:
             threading.Thread(target=self._watch_launchers, args=(launchers,), daemon=True).start()
         return self
@@ -205,3 +233,4 @@ class StopAtStepEnd(TrainerCallback):
         if self.stops.agreed(args.device):
             control.should_save = True
             control.should_training_stop = True
+            control.should_evaluate = False  # the checkpoint first: an evaluation could outlast the grace period

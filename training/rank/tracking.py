@@ -109,3 +109,16 @@ def log_run_files(run: Any, output_dir: Path, names: list[str]) -> None:
     for name in names:
         if (output_dir / name).is_file():
             mlflow.log_artifact(str(output_dir / name), artifact_path=ARTIFACT_FOLDER, run_id=run.info.run_id)
+
+
+def log_checkpoints(run: Any, output_dir: Path) -> None:
+    """Attach the output's kept checkpoints to the run, each under ``checkpoints/NAME`` (``--mlflow-log-checkpoints``)."""
+    if run is None:
+        return
+    import mlflow
+
+    from .checkpoints import list_checkpoints
+
+    for checkpoint in list_checkpoints(output_dir):
+        logger.info("Logging %s to the MLflow run", checkpoint.name)
+        mlflow.log_artifacts(str(checkpoint), artifact_path=f"checkpoints/{checkpoint.name}", run_id=run.info.run_id)

@@ -1,12 +1,18 @@
 """The trained model as an MLflow model: a table of ``instruction`` (and optional ``context``) in, responses out.
 
-The model's folder is logged as an artifact and answered by this project's pipeline (which stops at ``### End``),
-so ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` give the answers ``generate_response`` gives.
+What a served model needs of the model's folder is logged as an artifact (:func:`served_files`: the weights, the
+config and generation config, the tokenizer, the pipeline code and the model card; never the checkpoints, ``runs/``,
+the lock or the run's other files) and answered by this project's pipeline (which stops at ``### End``), so
+``mlflow.pyfunc.load_model`` and ``mlflow models serve`` give the answers ``generate_response`` gives.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +58,47 @@ class InstructionModel(mlflow.pyfunc.PythonModel):
         return answers
 
 
+# A served model's files, by name (top level of the model's folder only): weights, config, tokenizer, generation
+# config, the pipeline code beside the model, the model card and its plot, and a LoRA adapter's own files.
+SERVED_FILE_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "*.py",
+    "README.md",
+    "training_loss.png",
+    "adapter_config.json",
+)
+
+
+def served_files(model_dir: str | Path) -> list[Path]:
+    """The files of ``model_dir`` a served model needs (:data:`SERVED_FILE_PATTERNS`), in name order."""
+    return sorted(
+        path
+        for path in Path(model_dir).iterdir()
+        if path.is_file() and any(fnmatch.fnmatch(path.name, pattern) for pattern in SERVED_FILE_PATTERNS)
+    )
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)  # the same bytes, no second copy on disk
+    except OSError:  # another filesystem, or one without hard links
+        shutil.copy2(source, target)
+
+
 def log_pipeline_model(model_dir: str | Path, *, registered_model_name: str | None = None) -> Any:
-    """Log ``model_dir`` to the active run as an MLflow model named ``model`` (and register it, when named).
+    """Log ``model_dir``'s served files (:func:`served_files`) to the active run as an MLflow model named ``model``
+    (and register it, when named).
 
     The model is logged from code (this file), not pickled. No input example is given: MLflow would load the whole
     model to check it, which for a 12B model means minutes and tens of GB on the driver; the signature says the
@@ -63,9 +108,13 @@ def log_pipeline_model(model_dir: str | Path, *, registered_model_name: str | No
 
     import transformers
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*An input example was not provided")
-        info = _log(model_dir, registered_model_name, transformers.__version__)
+    model_dir = Path(model_dir)
+    with tempfile.TemporaryDirectory(prefix=".staging-mlflow-", dir=model_dir) as chosen:
+        for path in served_files(model_dir):
+            _link_or_copy(path, Path(chosen) / path.name)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*An input example was not provided")
+            info = _log(chosen, registered_model_name, transformers.__version__)
     logger.info("Logged the model to MLflow: %s", info.model_uri)
     return info
 
