@@ -7,8 +7,9 @@ launches ``deepspeed --num_gpus 2 --module bench.data_scale_rank`` (the trainer 
 accelerator, the tiny Pythia-shaped model, one optimizer step) and samples every process of the launch from
 ``/proc`` every 0.2 s. It reports, per size: the seconds from the launch to the first optimizer step; where they
 go (reading and checking, tokenizing, the rest of the preparation, the rest of the start); the seconds each rank
-spent tokenizing; and the peak resident memory (RSS, and RssAnon: memory that is not a file's pages, which a
-memory-mapped dataset does not add to) of each rank, of its tokenizing workers, and of the launcher (the driver).
+spent tokenizing; and the peak memory of each rank, of its tokenizing workers (summed), and of the launcher (the
+driver): RSS, and the anonymous memory (``Pss_Anon``: not a file's pages, which a memory-mapped dataset adds to RSS
+only; pages a forked worker shares with its rank count half to each, so the sums do not count them twice).
 
     python -m bench.data_scale                      # 15k, 150k, 1.5M (about 30 minutes on 2 cores)
     python -m bench.data_scale --sizes 15000,150000
@@ -54,17 +55,19 @@ def write_records(source: str, count: int, path: Path) -> None:
 
 
 def process_memory(pid: int) -> tuple[int, int]:
-    """A process's resident memory and its anonymous part (bytes), from /proc; zeros once it is gone."""
+    """A process's resident memory and its proportional share of anonymous memory (``Pss_Anon``: pages it shares
+    copy-on-write with a parent it was forked from count half to each), in bytes, from /proc; zeros once it is
+    gone."""
     try:
-        status = Path(f"/proc/{pid}/status").read_text()
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
     except OSError:
         return 0, 0
     values = {}
-    for line in status.splitlines():
+    for line in rollup.splitlines():
         key, _, rest = line.partition(":")
-        if key in ("VmRSS", "RssAnon"):
+        if key in ("Rss", "Pss_Anon"):
             values[key] = int(rest.split()[0]) * 1024
-    return values.get("VmRSS", 0), values.get("RssAnon", 0)
+    return values.get("Rss", 0), values.get("Pss_Anon", 0)
 
 
 def rank_of(process: psutil.Process) -> int | None:

@@ -358,7 +358,55 @@ def launcher_exits_section(r: dict[str, Any]) -> str:
     )
 
 
+def gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def data_scale_section(r: dict[str, Any]) -> str:
+    sizes = {int(n): figures for n, figures in r["sizes"].items()}
+    lines = [
+        f"Records: {r['records_made']} (source: `{Path(r['source']).name}`). A {r['ranks']}-rank launch of "
+        "`deepspeed --module training.trainer` (ZeRO-3 on CPU, the tiny Pythia-shaped model, one step), each size "
+        "with an empty prepared-data cache; memory sampled from `/proc` every 0.2 s (anonymous memory as `Pss_Anon`: "
+        "not a file's pages, and pages a forked worker shares with its rank counted half to each; RSS adds the "
+        "memory-mapped dataset's pages, which the kernel can drop).",
+        "",
+        "| records | launch to first step | preparing (read + check / tokenize / rest) | per record | rank 0 peak "
+        "anonymous (RSS) | rank 0's tokenizing workers, peak anonymous | rank 1 peak anonymous (RSS) | rank 1 "
+        "tokenizing | launcher peak anonymous |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n in sorted(sizes):
+        f = sizes[n]
+        prep, peaks = f["preparation"], f["peak_memory_bytes"]
+        rest = prep["seconds"] - prep["read_seconds"] - prep["tokenize_seconds"]
+        workers = peaks.get("rank 0 workers", {}).get("anon")
+        lines.append(
+            f"| {n:,} | {f['seconds_to_first_step']:.0f} s | {prep['seconds']:.1f} s ({prep['read_seconds']:.1f} / "
+            f"{prep['tokenize_seconds']:.1f} / {rest:.1f} s) | {1000 * prep['seconds'] / n:.2f} ms | "
+            f"{gb(peaks['rank 0']['anon'])} ({gb(peaks['rank 0']['rss'])}) | "
+            f"{gb(workers) if workers else 'none (1 process)'} | "
+            f"{gb(peaks['rank 1']['anon'])} ({gb(peaks['rank 1']['rss'])}) | "
+            f"{f['tokenizing_seconds_by_rank'].get('1', 0):.0f} s | {gb(peaks['launcher']['anon'])} |"
+        )
+    g = r.get("goals") or {}
+    if g:
+        lines += [
+            "",
+            f"Against the goals: cost per record from the smallest size to the largest spreads by "
+            f"{100 * g['per_record_cost_spread']:.0f}% (goal: within 25%: {'met' if g['per_record_cost_flat_within_25%'] else 'not met'}); "
+            f"a rank's peak anonymous memory grows by {gb(g['rank_anon_memory_growth_bytes'])} (goal: at most 1.5 GB: "
+            f"{'met' if g['rank_memory_growth_within_1.5GB'] else 'not met'}); the ranks that do not prepare spent "
+            f"{g['other_ranks_tokenizing_seconds']:.0f} s tokenizing; the largest size was ready for its first step "
+            f"in {g['largest_seconds_to_first_step'] / 60:.1f} minutes (goal: 15: "
+            f"{'met' if g['largest_ready_within_15_minutes'] else 'not met'}).",
+        ]
+    lines += ["", provenance(r)]
+    return "\n".join(lines)
+
+
 SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "data_scale": data_scale_section,
     "quality": quality_section,
     "throughput": throughput_section,
     "throughput_deepspeed": throughput_deepspeed_section,

@@ -291,3 +291,19 @@ def test_the_launcher_profile_reads_the_wait_from_the_reduction_hooks(tmp_path):
     )
     assert "| ours, unbalanced | 1.500 | 2.10 s | 1.10 s |" in rendered
     assert "| ours, as shipped | 1.000 | 1.00 s | 0.00 s |" in rendered
+
+
+@pytest.mark.launch
+def test_data_scale_prepares_for_a_two_rank_launch_and_reports(sample_path, tmp_path):
+    from bench.data_scale import main
+    from bench.report import data_scale_section
+
+    output = tmp_path / "data_scale.json"
+    results = main(["--sizes", "300,600", "--source", str(sample_path), "--output", str(output)])
+    assert output.exists() and output.with_suffix(".png").exists()
+    for size in ("300", "600"):
+        figures = results["sizes"][size]
+        assert figures["preparation"]["records"] == int(size)
+        assert figures["tokenizing_seconds_by_rank"]["1"] == 0  # only the preparing rank tokenizes
+        assert {"launcher", "rank 0", "rank 1"} <= set(figures["peak_memory_bytes"])
+    assert "| 600 |" in data_scale_section(json.loads(output.read_text()))

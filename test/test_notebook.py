@@ -345,3 +345,25 @@ def test_launch_cell_never_reports_success_without_a_finished_model(tmp_path):
         run_launcher([sys.executable, "-c", "print('pretending')"], tmp_path, cwd=tmp_path, env=dict(os.environ))
     (tmp_path / "config.json").write_text("{}")
     run_launcher([sys.executable, "-c", "print('done')"], tmp_path, cwd=tmp_path, env=dict(os.environ))
+
+
+def test_a_launch_an_earlier_run_left_running_is_reported_and_can_be_stopped(tmp_path, caplog):
+    import subprocess
+    import sys
+
+    from training.driver.launch_records import record_launch, running_launches, stop_launch, warn_about_running_launches
+
+    out = tmp_path / "root" / "dolly__earlier"
+    # A launch in a session of its own, as the notebook starts one, forgotten by a restarted kernel.
+    earlier = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    try:
+        record_launch(earlier.pid, out, "deepspeed ...")
+        later = tmp_path / "root" / "dolly__later"
+        assert [record.pid for record in warn_about_running_launches(later)] == [earlier.pid]
+        assert f"An earlier launch is still running (pid {earlier.pid}" in caplog.text
+        assert f"stop_launch({earlier.pid})" in caplog.text
+        stop_launch(earlier.pid, grace_s=10)
+        assert earlier.wait(timeout=10) != 0
+        assert running_launches(later) == [] and not list((tmp_path / "root" / ".dolly-launches").iterdir())
+    finally:
+        earlier.kill()

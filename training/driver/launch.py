@@ -30,6 +30,7 @@ from ..rank.checkpoints import checkpoint_step, list_checkpoints
 from ..rank.saving import is_finished_output
 from ..rank.stopping import STOP_FILE_NAME
 from ..settings import command_line
+from .launch_records import record_launch, warn_about_running_launches
 from .plan import LaunchPlan, free_port
 
 __all__ = [
@@ -167,12 +168,22 @@ def run_launcher(command: list[str], output_dir: str | os.PathLike, *, cwd: Path
     step and waits for them: the launcher exits only after every rank, and ``TrainingStopped`` says at which step.
     A second interrupt stops the launch at once (its process group, SIGTERM then SIGKILL).
     """
+    warn_about_running_launches(output_dir)
     logger.info("Launching: %s", shlex.join(command))
-    tail: deque[str] = deque(maxlen=TAIL_LINES)
     # A session of its own: a terminal's Ctrl-C reaches this process only, which stops the ranks its own way.
     process = subprocess.Popen(
         command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
     )
+    record = record_launch(process.pid, output_dir, shlex.join(command))
+    try:
+        _wait_for_launcher(process, output_dir)
+    finally:
+        record.unlink(missing_ok=True)
+
+
+def _wait_for_launcher(process: subprocess.Popen, output_dir: str | os.PathLike) -> None:
+    """Stream a started launch's output until it ends; raise as :func:`run_launcher` says."""
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
     readers = [
         threading.Thread(target=_tee, args=(process.stdout, sys.stdout, tail), daemon=True),
         threading.Thread(target=_tee, args=(process.stderr, sys.stderr, tail), daemon=True),

@@ -107,6 +107,10 @@ def load_adapter_model(
     logger.info("Loading base model %s for adapter %s", base_name, adapter_dir)
     base = AutoModelForCausalLM.from_pretrained(base_name, **from_pretrained_kwargs)
     resize_embeddings_for(base, tokenizer)
+    if (Path(adapter_dir) / "generation_config.json").is_file():  # the adapter's: it stops at ### End
+        from transformers import GenerationConfig
+
+        base.generation_config = GenerationConfig.from_pretrained(str(adapter_dir))
     return PeftModel.from_pretrained(base, str(adapter_dir))
 
 

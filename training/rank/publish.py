@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from pathlib import Path
@@ -19,6 +20,8 @@ from .saving import (
     copy_to_dir,
     publish_dir,
     save_failed,
+    save_tokenizer,
+    stopping_generation_config,
     write_pipeline_code,
 )
 from .tracking import log_checkpoints, log_run_files
@@ -53,18 +56,20 @@ def save_trained_model(
     trainer.save_model(output_dir=str(staging))  # collective under ZeRO-3: every rank takes part
     if not is_main_process():
         return
-    tokenizer.save_pretrained(staging)
+    save_tokenizer(tokenizer, staging)
     if is_lora and merge_lora:
         merged_staging = output_dir / f"{STAGING_DIR_NAME}-merged"
         merged = merge_adapter(staging, tokenizer, trust_remote_code=trust_remote_code)
         add_pipeline_to_config(merged, tokenizer)
         merged.save_pretrained(merged_staging)
-        tokenizer.save_pretrained(merged_staging)
+        save_tokenizer(tokenizer, merged_staging)
         write_pipeline_code(merged_staging)
         os.replace(staging, merged_staging / MERGED_ADAPTER_SUBDIR)
         staging = merged_staging
     elif not is_lora:
         write_pipeline_code(staging)
+    else:  # an adapter alone: its generation config stops at ### End too (servers read it beside the adapter)
+        stopping_generation_config(tokenizer, copy.deepcopy(trainer.model.generation_config)).save_pretrained(staging)
     trainer.state.save_to_json(str(staging / TRAINING_LOG_NAME))  # the loss history, next to the model
     if recorder is not None:
         recorder.write(staging)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -10,6 +11,7 @@ from pathlib import Path
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.dynamic_module_utils import custom_object_save
 
+from ..saved_model.chat_template import DOLLY_CHAT_TEMPLATE
 from ..saved_model.consts import END_KEY
 from ..saved_model.instruct_pipeline import (
     InstructionTextGenerationPipeline,
@@ -109,13 +111,32 @@ def add_pipeline_to_config(model: PreTrainedModel, tokenizer: PreTrainedTokenize
         }
     }
     model.config.use_cache = True
+    model.generation_config = stopping_generation_config(tokenizer, model.generation_config)
+
+
+def stopping_generation_config(
+    tokenizer: PreTrainedTokenizerBase, base: GenerationConfig | None = None
+) -> GenerationConfig:
+    """``base`` (or a default one) made to stop at ``### End`` and at EOS, padding with the tokenizer's pad token:
+    what a server that reads the saved ``generation_config.json`` then does too."""
     stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if has_dolly_special_tokens(tokenizer):
         stop_ids.insert(0, get_special_token_id(tokenizer, END_KEY))
-    generation_config = model.generation_config or GenerationConfig()
+    generation_config = base or GenerationConfig()
     generation_config.eos_token_id = stop_ids
     generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config = generation_config
+    return generation_config
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: str | os.PathLike) -> None:
+    """Save ``tokenizer`` with Dolly's chat template (``training/saved_model/chat_template.py``): as
+    ``chat_template.jinja``, where transformers reads it, and in ``tokenizer_config.json`` too, where TGI reads it."""
+    tokenizer.chat_template = DOLLY_CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    config_path = Path(folder) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["chat_template"] = DOLLY_CHAT_TEMPLATE
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def write_pipeline_code(output_dir: str | os.PathLike) -> None:
