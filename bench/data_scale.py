@@ -195,7 +195,8 @@ def goals(sizes: dict[int, dict[str, Any]], ranks: int) -> dict[str, Any]:
     per_record = {n: sizes[n]["preparation"]["seconds"] / n for n in sizes}
     spread = max(per_record.values()) / min(per_record.values()) - 1
     growth = max(
-        sizes[largest]["peak_memory_bytes"][f"rank {r}"]["anon"] - sizes[smallest]["peak_memory_bytes"][f"rank {r}"]["anon"]
+        sizes[largest]["peak_memory_bytes"][f"rank {r}"]["anon"]
+        - sizes[smallest]["peak_memory_bytes"][f"rank {r}"]["anon"]
         for r in range(ranks)
     )
     others_tokenizing = sum(
@@ -224,7 +225,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
     timing.set(xscale="log", yscale="log", xlabel="records", ylabel="seconds")
     timing.legend(fontsize=8)
     for role in sorted({role for n in counts for role in sizes[n]["peak_memory_bytes"]}):
-        memory.plot(counts, [sizes[n]["peak_memory_bytes"].get(role, {}).get("anon", 0) / 1e9 for n in counts], "o-", label=role)
+        memory.plot(
+            counts, [sizes[n]["peak_memory_bytes"].get(role, {}).get("anon", 0) / 1e9 for n in counts], "o-", label=role
+        )
     memory.set(xscale="log", xlabel="records", ylabel="peak RssAnon (GB)")
     memory.legend(fontsize=8)
     save_figure(fig, path, f"Data preparation for a 2-rank launch ({results['machine']})")

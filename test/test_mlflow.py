@@ -105,7 +105,9 @@ def test_every_evaluation_logs_sample_answers_and_their_stop_rate(tracked_run):
     could_stop = (last["outcome"] != "token cap").sum()
     assert set(table["outcome"]) <= {"stopped", "token cap", "ran on"}
     assert all(table["reference"]) and (
-        last["stopped"].sum() / could_stop == pytest.approx(rates[-1].value) if could_stop else math.isnan(rates[-1].value)
+        last["stopped"].sum() / could_stop == pytest.approx(rates[-1].value)
+        if could_stop
+        else math.isnan(rates[-1].value)
     )
     events = EventAccumulator(str(next((tracked_run["out"] / "runs").iterdir())), size_guidance={"tensors": 0})
     events.Reload()

@@ -144,7 +144,9 @@ def test_a_waiting_rank_gives_up_on_a_silent_main_process_and_at_its_timeout(sto
     main = threading.Thread(target=handoff._work_and_publish, args=(store, keys, lambda: release.wait(30)))
     main.start()
     try:
-        with pytest.raises(handoff.HandoffError, match=r"waited 1 s for the main process to prepare \(--wait-timeout\)"):
+        with pytest.raises(
+            handoff.HandoffError, match=r"waited 1 s for the main process to prepare \(--wait-timeout\)"
+        ):
             handoff._wait_for(store, keys, timeout_s=1, what="prepare")
     finally:
         release.set()
@@ -186,7 +188,9 @@ def test_a_two_rank_run_reads_and_tokenizes_once_and_the_next_run_reuses_it(tiny
 
 
 @pytest.mark.launch
-def test_a_resume_on_changed_data_is_refused_before_the_model_loads_unless_allowed(tiny_model_dir, sample_path, tmp_path):
+def test_a_resume_on_changed_data_is_refused_before_the_model_loads_unless_allowed(
+    tiny_model_dir, sample_path, tmp_path
+):
     data = tmp_path / "data.jsonl"
     shutil.copy(sample_path, data)
     out = tmp_path / "out"
@@ -207,5 +211,8 @@ def test_a_resume_on_changed_data_is_refused_before_the_model_loads_unless_allow
         deepspeed_ranks=2,
     )
     assert_ok(allowed)
-    assert "Resuming on changed data (--allow-changed-data): the training data's content differ" in allowed.stderr + allowed.stdout
+    assert (
+        "Resuming on changed data (--allow-changed-data): the training data's content differ"
+        in allowed.stderr + allowed.stdout
+    )
     assert (out / "checkpoint-4").is_dir()

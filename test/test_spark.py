@@ -153,9 +153,9 @@ def large_frame(spark, bad_row_id: int | None = None):
         response = F.when(F.col("id") == bad_row_id, F.lit(" ")).otherwise(response)
     return spark.range(LARGE_TABLE_ROWS).select(
         F.concat(F.lit("Summarise note "), ids).alias("instruction"),
-        F.concat(F.lit("Note "), ids, F.lit(": "), F.repeat(F.lit("The quick brown fox jumps over the dog. "), 12)).alias(
-            "context"
-        ),
+        F.concat(
+            F.lit("Note "), ids, F.lit(": "), F.repeat(F.lit("The quick brown fox jumps over the dog. "), 12)
+        ).alias("context"),
         response.alias("response"),
         F.lit("summarization").alias("category"),
     )
@@ -191,7 +191,9 @@ def test_a_large_table_skips_the_drivers_memory_and_trains(spark, tiny_model_dir
 
     # A bad row among them is still named by the table, its row (in the table's order) and its column.
     large_frame(spark, bad_row_id=73_210).coalesce(1).write.mode("overwrite").saveAsTable("dolly_large_bad")
-    with pytest.raises(DatasetRecordError, match=r"table default\.dolly_large_bad, row 73211: field 'response' is empty"):
+    with pytest.raises(
+        DatasetRecordError, match=r"table default\.dolly_large_bad, row 73211: field 'response' is empty"
+    ):
         table_to_parquet(spark, "default.dolly_large_bad", tmp_path / "prepared")
 
 

@@ -112,7 +112,9 @@ def test_bad_record_stops_the_cli_with_file_line_and_field(tiny_model_dir, sampl
     assert f"{data}, line 6: field 'response' must be a string, got int" in result.log
 
 
-def test_a_test_size_that_leaves_nothing_to_train_on_stops_before_the_model_loads(tiny_model_dir, sample_path, tmp_path):
+def test_a_test_size_that_leaves_nothing_to_train_on_stops_before_the_model_loads(
+    tiny_model_dir, sample_path, tmp_path
+):
     # Checked against the prepared data (read once per run), not by a second read in the command line.
     result = invoke_trainer(quick_training_args(tiny_model_dir, sample_path, tmp_path / "out", "--test-size", "41"))
     assert result.exit_code == 1, result.log

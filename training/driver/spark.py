@@ -125,7 +125,9 @@ def _raise_for_row(frame: Any, table: str, mapping: Columns, row_id: int) -> Non
     row = frame.filter(F.col(ROW_ID) == row_id).first().asDict()
     del row[ROW_ID]
     validate_record(row, f"table {table}, row {before + offset + 1}", mapping)
-    raise DatasetRecordError(f"table {table}, row {before + offset + 1}: not a dolly record")  # Python's own check passed
+    raise DatasetRecordError(
+        f"table {table}, row {before + offset + 1}: not a dolly record"
+    )  # Python's own check passed
 
 
 def table_to_parquet(spark: Any, table: str, cache_dir: str | os.PathLike, columns: str | None = None) -> str:

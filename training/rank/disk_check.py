@@ -109,7 +109,6 @@ def parameter_counts(settings: TrainSettings) -> ParameterCounts:
     """The model's parameters (and those a LoRA run trains), from its config alone."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
-
     from transformers.modeling_utils import set_zero3_state
 
     config = AutoConfig.from_pretrained(settings.input_model, trust_remote_code=settings.trust_remote_code)

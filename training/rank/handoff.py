@@ -44,7 +44,9 @@ class _Keys:
     def __init__(self, name: str):
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # an elastic restart starts a new round of keys
         prefix = f"dolly/{restart}/{next(_handoffs)}-{name}"
-        self.result, self.error, self.beat, self.acks = (f"{prefix}/{part}" for part in ("result", "error", "beat", "acks"))
+        self.result, self.error, self.beat, self.acks = (
+            f"{prefix}/{part}" for part in ("result", "error", "beat", "acks")
+        )
 
 
 def on_main_process(name: str, work: Callable[[], Any], *, timeout_s: float, what: str) -> Any:

@@ -55,7 +55,9 @@ def resolved_max_length(settings: TrainSettings) -> int:
 
 
 def cache_dir_for(settings: TrainSettings) -> Path:
-    return Path(settings.dataset_cache_dir) if settings.dataset_cache_dir else default_cache_dir(settings.local_output_dir)
+    return (
+        Path(settings.dataset_cache_dir) if settings.dataset_cache_dir else default_cache_dir(settings.local_output_dir)
+    )
 
 
 def recorded_parts(checkpoint: Path) -> dict[str, Any] | None:
