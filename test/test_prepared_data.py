@@ -158,33 +158,29 @@ def test_a_waiting_rank_gives_up_on_a_silent_main_process_and_at_its_timeout(sto
 
 @pytest.mark.launch
 def test_a_two_rank_run_reads_and_tokenizes_once_and_the_next_run_reuses_it(tiny_model_dir, sample_path, tmp_path):
-    notes = tmp_path / "counts"
-    notes.mkdir()
-    env = {"DOLLY_COUNT_DIR": str(notes)}
-    first = run_trainer(
-        zero3_run_args(tiny_model_dir, sample_path, tmp_path / "first", "--max-steps", "2"),
-        deepspeed_ranks=2,
-        module="data_counting",
-        env=env,
-    )
-    assert_ok(first)
-    assert counts(notes) == {"read": {"0": 1}, "tokenize": {"0": 41}}  # rank 1 neither read nor tokenized
+    def counted_run(name: str):
+        """A 2-rank run into ``tmp_path/name``, with who read and who tokenized the records."""
+        notes = tmp_path / f"counts-{name}"
+        notes.mkdir()
+        run = run_trainer(
+            zero3_run_args(tiny_model_dir, sample_path, tmp_path / name, "--max-steps", "2"),
+            deepspeed_ranks=2,
+            module="data_counting",
+            env={"DOLLY_COUNT_DIR": str(notes)},
+        )
+        assert_ok(run)
+        return run, counts(notes)
+
+    _, first = counted_run("first")
+    assert first == {"read": {"0": 1}, "tokenize": {"0": 41}}  # rank 1 neither read nor tokenized
     prepared = list((tmp_path / "prepared_data").iterdir())
     assert len(prepared) == 1
     record = json.loads((tmp_path / "first" / "run_config.json").read_text())
     assert record["data"]["fingerprint"] == prepared[0].name
 
-    shutil.rmtree(notes)
-    notes.mkdir()
-    second = run_trainer(
-        zero3_run_args(tiny_model_dir, sample_path, tmp_path / "second", "--max-steps", "2"),
-        deepspeed_ranks=2,
-        module="data_counting",
-        env=env,
-    )
-    assert_ok(second)
-    assert counts(notes) == {"read": {}, "tokenize": {}}
-    assert f"Reusing prepared dataset {prepared[0]}" in second.stdout + second.stderr
+    second_run, second = counted_run("second")
+    assert second == {"read": {}, "tokenize": {}}
+    assert f"Reusing prepared dataset {prepared[0]}" in second_run.stdout + second_run.stderr
 
 
 @pytest.mark.launch

@@ -14,12 +14,14 @@ import time
 
 import pytest
 from helpers import (
+    CPU_ZERO3_CONFIG,
     PROJECT_ROOT,
     assert_finished,
     assert_ok,
     assert_resumed_like_uninterrupted,
     copy_run,
     invoke_trainer,
+    logged,
     lora_run_args,
     max_weight_difference,
     quick_training_args,
@@ -163,3 +165,31 @@ def test_a_save_that_fails_leaves_earlier_checkpoints_and_the_finished_model_int
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
     assert os.path.exists(out / "checkpoint-4" / COMPLETE_MARKER)
     assert (out / "model.safetensors").read_bytes() != finished_weights
+
+
+@pytest.mark.launch
+@pytest.mark.parametrize("scheduler", ["WarmupLR", "WarmupDecayLR"])
+def test_the_learning_rate_schedule_carries_over_a_resume_inside_the_warmup(
+    scheduler, tiny_model_dir, sample_path, tmp_path
+):
+    """Dolly's configs warm up, then hold (WarmupLR); a user's may decay (WarmupDecayLR). Resumed at step 2 of a
+    3-step warmup, every later step's learning rate is the uninterrupted run's."""
+    config = json.loads(CPU_ZERO3_CONFIG.read_text())
+    config["scheduler"]["type"] = scheduler
+    if scheduler == "WarmupDecayLR":
+        config["scheduler"]["params"]["total_num_steps"] = "auto"
+    config_path = tmp_path / f"{scheduler}.json"
+    config_path.write_text(json.dumps(config))
+
+    def args(out):
+        extra = ["--deepspeed", str(config_path), "--warmup-steps", "3", "--eval-answers", "0", "--no-mlflow"]
+        return zero3_run_args(tiny_model_dir, sample_path, out, *extra)
+
+    reference = tmp_path / "reference"
+    assert_ok(run_trainer(args(reference), deepspeed_ranks=2))
+    out = tmp_path / "out"
+    run_killed(args(out), "kill-after-checkpoint:2")
+    assert_ok(run_trainer(args(out) + ["--resume"], deepspeed_ranks=2))
+    expected = logged(reference, "learning_rate")
+    assert len(set(expected.values())) >= 3  # a schedule, not a constant
+    assert logged(out, "learning_rate") == expected

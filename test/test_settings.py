@@ -215,13 +215,15 @@ def test_run_config_records_the_run_and_replays_it(zero3_run, sample_path, tmp_p
     assert record["settings"]["local_output_dir"] == str(first) and record["settings"]["seed"] == 11
     assert record["settings"]["epochs"] == 3  # every setting, defaults included
     assert set(record["settings"]) == {item.name for item in setting_fields()}
-    assert record["data"] == {
+    data = record["data"]
+    assert {key: data[key] for key in ("training_dataset", "records", "within_max_length", "train_records")} == {
         "training_dataset": str(sample_path),
         "records": 41,
         "within_max_length": 41,
         "train_records": 33,
-        "eval_records": 8,
     }
+    assert data["eval_records"] == 8 and Path(data["prepared_path"]).name == data["fingerprint"]
+    assert set(data["fingerprint_parts"]) == {"source", "columns", "template", "tokenizer", "max_length", "seed"}
     assert record["resolved"]["world_size"] == 2 and record["resolved"]["precision"] == "fp32"
     used = record["resolved"]["deepspeed_config"]
     assert used["zero_optimization"]["stage"] == 3 and used["train_micro_batch_size_per_gpu"] == 4  # "auto" filled
