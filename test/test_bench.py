@@ -299,11 +299,11 @@ def test_data_scale_prepares_for_a_two_rank_launch_and_reports(sample_path, tmp_
     from bench.report import data_scale_section
 
     output = tmp_path / "data_scale.json"
-    results = main(["--sizes", "300,600", "--source", str(sample_path), "--output", str(output)])
+    results = main(["--sizes", "300", "--source", str(sample_path), "--output", str(output)])
     assert output.exists() and output.with_suffix(".png").exists()
-    for size in ("300", "600"):
+    for size in ("300",):
         figures = results["sizes"][size]
         assert figures["preparation"]["records"] == int(size)
         assert figures["tokenizing_seconds_by_rank"]["1"] == 0  # only the preparing rank tokenizes
         assert {"launcher", "rank 0", "rank 1"} <= set(figures["peak_memory_bytes"])
-    assert "| 600 |" in data_scale_section(json.loads(output.read_text()))
+    assert "| 300 |" in data_scale_section(json.loads(output.read_text()))

@@ -5,6 +5,7 @@ in this process."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from helpers import assert_finished, assert_ok, invoke_trainer, quick_training_args, run_trainer, zero3_run_args
@@ -12,15 +13,11 @@ from helpers import assert_finished, assert_ok, invoke_trainer, quick_training_a
 from bench.synthetic import FAMILIES, build_tiny_family_model
 from training.rank.run_record import RUN_CONFIG_NAME
 
+FAMILY_OPTIONS = ("--max-steps", "1", "--test-size", "4", "--eval-answers", "0", "--no-mlflow", "--save-steps", "100")
+
 
 def family_args(model_dir, data, out, *extra):
-    return [
-        *quick_training_args(model_dir, data, out, "--max-steps", "1", "--test-size", "4", "--eval-answers", "0"),
-        "--no-mlflow",
-        "--save-steps",
-        "100",
-        *extra,
-    ]
+    return [*quick_training_args(model_dir, data, out, *FAMILY_OPTIONS), *extra]
 
 
 def assert_answers(out) -> None:
@@ -47,13 +44,22 @@ def test_a_llama_family_model_trains_saves_and_answers_in_one_process(tiny_model
 
 
 @pytest.mark.launch
-@pytest.mark.parametrize("family", FAMILIES)
-def test_each_family_trains_under_two_ranks_and_zero3_and_answers(family, tiny_model_dir, twelve_records, tmp_path):
-    model = build_tiny_family_model(family, tmp_path / "model", tiny_model_dir)
-    out = tmp_path / "out"
-    args = zero3_run_args(model, twelve_records, out, "--max-steps", "1", "--test-size", "4", "--eval-answers", "0")
-    run = run_trainer([*args, "--no-mlflow", "--save-steps", "100"], deepspeed_ranks=2)
+def test_each_family_trains_under_two_ranks_and_zero3_and_answers(tiny_model_dir, twelve_records, tmp_path):
+    """All families in one 2-rank launch (test/family_sweep.py trains them one after another in the same ranks):
+    one launch's start-up instead of fifteen."""
+    pairs = [
+        [
+            str(build_tiny_family_model(family, tmp_path / family / "model", tiny_model_dir)),
+            str(tmp_path / family / "out"),
+        ]
+        for family in FAMILIES
+    ]
+    args = zero3_run_args(Path(pairs[0][0]), twelve_records, Path(pairs[0][1]), *FAMILY_OPTIONS)
+    run = run_trainer(
+        args, deepspeed_ranks=2, module="family_sweep", env={"DOLLY_SWEEP": json.dumps(pairs)}, timeout=900
+    )
     assert_ok(run)
-    record = json.loads((out / RUN_CONFIG_NAME).read_text())
-    assert record["model"]["model_type"] == family and record["resolved"]["world_size"] == 2
-    assert_answers(out)
+    for family, (_, out) in zip(FAMILIES, pairs):
+        record = json.loads((Path(out) / RUN_CONFIG_NAME).read_text())
+        assert record["model"]["model_type"] == family and record["resolved"]["world_size"] == 2, family
+        assert_answers(out)
