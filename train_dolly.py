@@ -125,7 +125,11 @@ plan = notebook_plan(
     finetuning=widgets.get("finetuning"),
     num_nodes=num_nodes,
     launcher=widgets.get("launcher"),
-    overrides={"columns": columns, **({"resume": True} if resume_run else {})},
+    overrides={
+        "columns": columns,
+        "register_model": widgets.get("register_model") or None,
+        **({"resume": True} if resume_run else {}),
+    },
 )
 print(f"Launcher: {plan.launcher}, nodes: {plan.num_nodes}")
 if plan.settings.deepspeed:
@@ -152,17 +156,26 @@ launch_training(plan, spark=spark)
 
 # COMMAND ----------
 
+from training.driver.notebook import driver_generation_problem
 from training.generate import generate_response, load_model_tokenizer_for_generate
 
 trained_model_dir = paths.dbfs_output_dir or paths.local_output_dir
-model, tokenizer = load_model_tokenizer_for_generate(trained_model_dir, dtype=GPU_FAMILIES[gpu_family].generation_dtype)
+# The cells below answer and evaluate in this notebook's process, as Dolly's did; where it has no GPU but the run
+# trained on GPUs (a multi-node cluster's CPU driver), they say why and skip.
+skip_generation = driver_generation_problem(gpu_family, trained_model_dir)
+if skip_generation:
+    print(skip_generation)
+else:
+    model, tokenizer = load_model_tokenizer_for_generate(
+        trained_model_dir, dtype=GPU_FAMILIES[gpu_family].generation_dtype
+    )
 
 # COMMAND ----------
 
 from training.driver.notebook import EXAMPLE_INSTRUCTIONS
 
 # Examples from https://www.databricks.com/blog/2023/03/24/hello-dolly-democratizing-magic-chatgpt-open-models.html
-for instruction in EXAMPLE_INSTRUCTIONS:
+for instruction in [] if skip_generation else EXAMPLE_INSTRUCTIONS:
     response = generate_response(instruction, model=model, tokenizer=tokenizer)
     print(f"Instruction: {instruction}\n\n{response or '(empty response)'}\n\n-----------\n")
 
@@ -173,8 +186,9 @@ from training.evaluate import report
 
 # Did training help? Held-out response loss, answers that stop at ### End, and answers side by side, for the model
 # before and after training. The figures also go to the model card (README.md beside the model) and to MLflow.
-evaluation = evaluate_run(paths, training_dataset, baseline=input_model)
-print(report(evaluation))
+if not skip_generation:
+    evaluation = evaluate_run(paths, training_dataset, baseline=input_model)
+    print(report(evaluation))
 
 # COMMAND ----------
 
@@ -183,6 +197,6 @@ from training.driver.benchmarks import parse_tasks
 # The dolly-v2 model card's benchmark table (EleutherAI's lm-evaluation-harness; its tasks' data comes from the
 # Hugging Face hub): set the benchmarks widget to "dolly-v2", or to lm-eval task names. Empty: skipped.
 benchmark_tasks = parse_tasks(widgets.get("benchmarks"))
-if benchmark_tasks:
+if benchmark_tasks and not skip_generation:
     evaluation = evaluate_run(paths, None, baseline=input_model, benchmarks=benchmark_tasks)
     print(report(evaluation))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -49,14 +50,39 @@ logger = logging.getLogger(__name__)
 LONG_BUDGET = 256
 
 
-def generations(model, tokenizer, records: list[dict], max_new_tokens: int, batch_size: int = 8) -> list[dict]:
+def generations(
+    model, tokenizer, records: list[dict], max_new_tokens: int, batch_size: int = 8, **generate_kwargs: Any
+) -> list[dict]:
     """Greedy answers through the pipeline, with why each one stopped."""
     generator = InstructionTextGenerationPipeline(model=model, tokenizer=tokenizer)
     inputs = [{"instruction": r["instruction"], "context": r["context"]} for r in records]
     outputs = generator(
-        inputs, batch_size=batch_size, do_sample=False, max_new_tokens=max_new_tokens, return_finish_reason=True
+        inputs,
+        batch_size=batch_size,
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        return_finish_reason=True,
+        **generate_kwargs,
     )
     return [{"text": out[0]["generated_text"], "finish_reason": out[0]["finish_reason"]} for out in outputs]
+
+
+def run_on_kind(answer: dict) -> str | None:
+    """Why an answer did not stop at ``### End`` (None when it did): ``eos`` (it ended with EOS instead),
+    ``new instruction`` (it began another prompt block), ``repeats`` (its end is a loop: a stretch of text, digits
+    aside, repeated at least three times in a row) or ``long`` (it ran on to the cap without repeating)."""
+    if answer["finish_reason"] == "end_key":
+        return None
+    if answer["finish_reason"] == "eos":
+        return "eos"
+    text = answer["text"]
+    if "### Instruction" in text or "Instruction:" in text:
+        return "new instruction"
+    tail = re.sub(r"\d+", "#", " ".join(text.split()))[-240:]
+    for period in range(2, len(tail) // 3 + 1):
+        if tail[-period:] == tail[-2 * period : -period] == tail[-3 * period : -2 * period]:
+            return "repeats"
+    return "long"
 
 
 def stop_rate(answers: list[dict]) -> float:
@@ -78,6 +104,27 @@ def draw_loss_curve(log_history: list[dict], path: Path, title: str) -> None:
     save_figure(fig, path, title)
 
 
+def run_on_answers(records: list[dict], answers: list[dict]) -> list[dict]:
+    """The answers that did not stop, with their instruction and why (:func:`run_on_kind`)."""
+    return [
+        {"instruction": r["instruction"], "category": r.get("category"), "kind": run_on_kind(a), "answer": a["text"]}
+        for r, a in zip(records, answers)
+        if run_on_kind(a) is not None
+    ]
+
+
+def parse_variants(text: str) -> dict[str, dict[str, Any]]:
+    """``'repetition_penalty=1.1;...'`` as {name: generate settings}; each value read as JSON (a number, true...)."""
+    variants = {}
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        settings = {}
+        for pair in item.split(","):
+            key, value = pair.split("=", 1)
+            settings[key.strip()] = json.loads(value)
+        variants[item] = settings
+    return variants
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input-model", default="embedded")
@@ -94,6 +141,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--side-by-side", type=int, default=4)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to measure and generate"
+    )
+    parser.add_argument("--bf16", action="store_true", help="train in bf16 (default: fp32, as on CPU)")
+    parser.add_argument(
+        "--generation-variants",
+        default="",
+        help="also answer the stop records (at 256 new tokens) with these generate settings, ';'-separated, "
+        "e.g. 'repetition_penalty=1.1;repetition_penalty=1.2'",
+    )
     parser.add_argument("--quick", action="store_true", help="a few records and steps: a smoke check, not a result")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "quality.json")
     options = parser.parse_args(argv)
@@ -118,8 +175,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Before: losses on the training tokenization; generation with the base model's own tokenizer.
     torch.manual_seed(options.seed)
     base_model, base_tokenizer = get_model_tokenizer(model_dir, dtype=torch.float32)
+    base_model.to(options.device)
     plain_tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-    plain_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    plain_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(options.device)
     before = {
         "loss": response_loss(base_model, base_tokenizer, eval_tok),
         "answers": generations(plain_model, plain_tokenizer, stop_records, options.max_new_tokens),
@@ -145,15 +203,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             logging_steps=5 if not options.quick else 1,
             seed=options.seed,
             gradient_checkpointing=False,
+            bf16=options.bf16,
+            mlflow=False,  # a benchmark, not a run to track
         )
         log_history = json.loads((output_dir / TRAINING_LOG_NAME).read_text())["log_history"]
         steps = max(entry["step"] for entry in log_history)
         tuned_model, tuned_tokenizer = load_model_tokenizer_for_generate(
-            str(output_dir), dtype=torch.float32, device_map="cpu"
+            str(output_dir), dtype=torch.float32, device_map=options.device
         )
         after = measure(tuned_model, tuned_tokenizer, tuned_tokenizer, eval_tok, stop_records, options.max_new_tokens)
         # The same instructions with the pipeline's default budget, for answers that are long by nature.
         long_budget = generations(tuned_model, tuned_tokenizer, stop_records, LONG_BUDGET)
+        variants = {
+            name: generations(tuned_model, tuned_tokenizer, stop_records, LONG_BUDGET, **settings)
+            for name, settings in parse_variants(options.generation_variants).items()
+        }
 
     categories = sorted(k for k in before["loss"] if k != "overall")
     reference_lengths = [
@@ -191,6 +255,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             }
             for r, n, a, b in zip(stop_records, reference_lengths, after["answers"], long_budget)
         ],
+        # The answers that did not stop within the pipeline's budget, whole, with why (run_on_kind).
+        f"run_on_after_{LONG_BUDGET}_tokens": run_on_answers(stop_records, long_budget),
+        "generation_variants": {
+            name: {
+                f"stop_rate_{LONG_BUDGET}_tokens": stop_rate(answers),
+                "run_on": run_on_answers(stop_records, answers),
+            }
+            for name, answers in variants.items()
+        },
         "per_category": {
             c: {
                 "records_tokens": before["loss"][c]["tokens"],

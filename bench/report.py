@@ -405,6 +405,29 @@ def data_scale_section(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def serving_section(r: dict[str, Any]) -> str:
+    return "\n".join(
+        [
+            f"{r['requests']} chat requests (the first {r['requests']} instructions of `data/dolly_sample.jsonl`, with "
+            f"their context; greedy, at most {r['max_tokens']} new tokens) to the run's MLflow model of "
+            f"{model_label(r['model'])}, loaded with `mlflow.pyfunc.load_model` (what `mlflow models serve` runs); "
+            f"median of {r['repeats']} timings after a warm-up.",
+            "",
+            "| | seconds | completion tokens |",
+            "|---|---|---|",
+            f"| {r['requests']} requests in one call | {r['one_call_median_s']:.2f} | {r['completion_tokens_one_call']} |",
+            f"| {r['requests']} calls of one request | {r['separate_calls_median_s']:.2f} | "
+            f"{r['completion_tokens_separate']} |",
+            "",
+            f"One call / separate calls: **{r['ratio']:.2f}x** the time (goal: at most 0.5). The same answer in "
+            f"both ways for {r['same_answers']} of {r['requests']} requests (left padding in a batch can move a "
+            "greedy choice between near-equal tokens).",
+            "",
+            provenance(r),
+        ]
+    )
+
+
 SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "data_scale": data_scale_section,
     "quality": quality_section,
@@ -415,6 +438,7 @@ SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "scaling": scaling_section,
     "memory": memory_section,
     "launcher_exits": launcher_exits_section,
+    "serving": serving_section,
 }
 
 

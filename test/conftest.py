@@ -27,7 +27,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 # Fixtures that start a multi-process launch of their own: a test that uses one belongs to the full tier.
-LAUNCHING_FIXTURES = {"lora_run", "zero3_killed_at_2", "lora_killed_at_2"}
+LAUNCHING_FIXTURES = {"lora_run", "zero3_killed_at_2", "lora_killed_at_2", "one_rank_killed_at_2"}
 
 
 def pytest_addoption(parser) -> None:
@@ -104,7 +104,7 @@ def zero3_run(tiny_model_dir, tmp_path_factory) -> SimpleNamespace:
     out = folder / "out"
     args = zero3_run_args(tiny_model_dir, SAMPLE_DATA, out)
     port = free_port()
-    result = run_trainer(args, deepspeed_ranks=2, master_port=port, env=env, shared_run=True)
+    result = run_trainer(args, ranks=2, launcher="deepspeed", master_port=port, env=env, shared_run=True)
     assert_ok(result)
     return SimpleNamespace(
         out=out, args=args, env=env, uri=env["MLFLOW_TRACKING_URI"], experiment=experiment, port=port, result=result
@@ -119,7 +119,7 @@ def lora_run(tiny_model_dir, tmp_path_factory) -> SimpleNamespace:
 
     out = tmp_path_factory.mktemp("lora-run") / "out"
     args = lora_run_args(tiny_model_dir, SAMPLE_DATA, out)
-    result = run_trainer(args, deepspeed_ranks=2, shared_run=True)
+    result = run_trainer(args, ranks=2, shared_run=True)
     assert_ok(result)
     return SimpleNamespace(out=out, args=args, result=result)
 

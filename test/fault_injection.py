@@ -14,7 +14,15 @@
   output folder's stop file appears (the notebook's stop), then the step goes on.
 - ``hang-at:N``: as step N+1 begins, every rank sends itself SIGTERM, then sleeps far beyond any grace period (a
   step that never ends), so only the grace period can stop it.
+- ``signal-group-while-publishing:0``: as the finished model's save begins, rank 0 sends SIGTERM to every process
+  of the launch (its process group: the launcher and every rank, as a cluster shutdown does); every rank then pauses
+  for :data:`PAUSE_S` inside the save.
+- ``kill-while-converting:0``: on a resume on another number of ranks, the main process kills itself (SIGKILL) while
+  it converts the checkpoint, :data:`PAUSE_S` into it (the other ranks are waiting for it by then).
 - ``packing-check-fails-on-rank:R``: rank R's packing self-check reports a failure (the others' pass).
+
+``DOLLY_FAULT_PAUSE_S`` sets :data:`PAUSE_S` (a step longer than a launcher's 30 seconds, say);
+``DOLLY_FAULT_SILENT_S`` sets how long a waiting rank gives a silent main process (``handoff.SILENT_LIMIT_S``).
 """
 
 from __future__ import annotations
@@ -27,10 +35,11 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 import training.rank.dolly_trainer as dolly_trainer
+from training.rank.publish import STAGING_DIR_NAME
 from training.rank.stopping import STOP_FILE_NAME, launcher_ancestors
 from training.trainer import run_cli
 
-PAUSE_S = 3.0  # beyond the launcher watch's 1-second poll
+PAUSE_S = float(os.environ.get("DOLLY_FAULT_PAUSE_S", "3"))  # default: beyond the launcher watch's 1-second poll
 
 
 def _fault() -> tuple[str, int]:
@@ -87,6 +96,14 @@ class FaultyTrainer(dolly_trainer.DollyTrainer):
         if kind in ACTIONS:
             self.add_callback(AtStepBegin(step, ACTIONS[kind]))
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        kind, _ = _fault()
+        if kind == "signal-group-while-publishing" and output_dir and Path(output_dir).name == STAGING_DIR_NAME:
+            if self.args.process_index == 0:
+                os.killpg(os.getpgid(0), signal.SIGTERM)
+            time.sleep(PAUSE_S)
+        super().save_model(output_dir, _internal_call)
+
     def _save_rng_state(self, output_dir: str) -> None:
         kind, step = _fault()
         last_rank = self.args.process_index == self.args.world_size - 1
@@ -111,8 +128,28 @@ def fail_packing_check_on(rank: int) -> None:
     packing_check.check_packing = check
 
 
+def kill_while_converting() -> None:
+    import training.rank.elastic as elastic
+
+    real_make_loadable_here = elastic._make_loadable_here
+
+    def make_loadable_here(resume):
+        if int(os.environ.get("RANK", "0")) == 0:
+            time.sleep(PAUSE_S)
+            _kill_self()
+        real_make_loadable_here(resume)
+
+    elastic._make_loadable_here = make_loadable_here
+
+
 if __name__ == "__main__":
     dolly_trainer.DollyTrainer = FaultyTrainer  # what run_training builds
+    if "DOLLY_FAULT_SILENT_S" in os.environ:
+        import training.rank.handoff as handoff
+
+        handoff.SILENT_LIMIT_S = float(os.environ["DOLLY_FAULT_SILENT_S"])
+    if _fault()[0] == "kill-while-converting":
+        kill_while_converting()
     if _fault()[0] == "packing-check-fails-on-rank":
         fail_packing_check_on(_fault()[1])
     run_cli()

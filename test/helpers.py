@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,37 +49,39 @@ LAUNCH_ALLOWED = False
 def trainer_command(
     args: list[str],
     *,
-    deepspeed_ranks: int | None = None,
+    ranks: int | None = None,
+    launcher: str = "torchrun",
     module: str = "training.trainer",
     master_port: int | None = None,
     shared_run: bool = False,
 ) -> list[str]:
-    """``python -m MODULE ARGS``, or under ``deepspeed --num_gpus N`` (on a free port) when ``deepspeed_ranks`` is given.
+    """``python -m MODULE ARGS``, or ``ranks`` ranks of it under a launcher on a free port: torchrun (the quickest to
+    start, for tests of what the ranks do), or DeepSpeed's ``deepspeed`` runner, as the notebook starts them (for
+    tests of that launcher and of exit codes it passes on).
 
     Ranks start only for a test marked ``launch`` (or ``smoke``) or for a shared run (conftest's fixtures), so the fast
     tier cannot grow a launch unnoticed.
     """
-    if deepspeed_ranks:
-        assert LAUNCH_ALLOWED or shared_run, "this test starts ranks: mark it @pytest.mark.launch (full tier)"
-        launcher = [
-            sys.executable,
-            "-m",
-            "deepspeed.launcher.runner",
-            "--num_gpus",
-            str(deepspeed_ranks),
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(master_port or free_port()),
-        ]
-        return launcher + ["--module", module] + args
-    return [sys.executable, "-m", module] + args
+    if not ranks:
+        return [sys.executable, "-m", module] + args
+    assert LAUNCH_ALLOWED or shared_run, "this test starts ranks: mark it @pytest.mark.launch (full tier)"
+    port = str(master_port or free_port())
+    if launcher == "deepspeed":
+        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks)]
+        command += ["--master_addr", "127.0.0.1", "--master_port", port, "--module", module]
+    elif launcher == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(ranks)]
+        command += ["--master-addr", "127.0.0.1", "--master-port", port, "-m", module]
+    else:
+        raise ValueError(f"unknown launcher {launcher!r}")
+    return command + args
 
 
 def run_trainer(
     args: list[str],
     *,
-    deepspeed_ranks: int | None = None,
+    ranks: int | None = None,
+    launcher: str = "torchrun",
     module: str = "training.trainer",
     env: dict[str, str] | None = None,
     timeout: int = 600,
@@ -88,7 +91,7 @@ def run_trainer(
 ) -> subprocess.CompletedProcess:
     """Run the trainer (or a module wrapping it) to the end and capture its output."""
     command = trainer_command(
-        args, deepspeed_ranks=deepspeed_ranks, module=module, master_port=master_port, shared_run=shared_run
+        args, ranks=ranks, launcher=launcher, module=module, master_port=master_port, shared_run=shared_run
     )
     return subprocess.run(
         command,
@@ -221,9 +224,7 @@ def assert_resumed_like_uninterrupted(
 
 def run_killed(args: list[str], fault: str, ranks: int = 2, shared_run: bool = False) -> None:
     """Run on ``ranks`` ranks until ``fault`` kills them; the folder must not look finished afterwards."""
-    killed = run_trainer(
-        args, deepspeed_ranks=ranks, module="fault_injection", env={"DOLLY_FAULT": fault}, shared_run=shared_run
-    )
+    killed = run_trainer(args, ranks=ranks, module="fault_injection", env={"DOLLY_FAULT": fault}, shared_run=shared_run)
     assert killed.returncode != 0, killed.stderr[-3000:]
     assert not is_finished_output(Path(args[args.index("--local-output-dir") + 1]))
 
@@ -251,3 +252,62 @@ def run_example(name: str, *args: str, capsys, monkeypatch) -> str:
     finally:
         logging.getLogger().setLevel(level)  # an example may quiet the log
     return capsys.readouterr().out
+
+
+# ---- several "nodes" on the loopback address ----
+
+NODES = 2
+
+
+def torchrun_node(rank: int, port: int, args: list[str], module: str = "training.trainer") -> list[str]:
+    """torchrun's command for node ``rank`` of :data:`NODES` on the loopback address, one rank per node."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        str(NODES),
+        "--node-rank",
+        str(rank),
+        "--nproc-per-node",
+        "1",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(port),
+        "-m",
+        module,
+        *args,
+    ]
+
+
+def start_nodes(commands: list[list[str]], logs: Path, **env: str) -> list[subprocess.Popen]:
+    """Start one launcher per "node", each logging to ``logs/nodeR.log``."""
+    logs.mkdir(parents=True, exist_ok=True)
+    return [
+        subprocess.Popen(
+            command,
+            cwd=PROJECT_ROOT,
+            env=subprocess_env(**env),
+            stdout=open(logs / f"node{rank}.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
+        for rank, command in enumerate(commands)
+    ]
+
+
+def wait_all(nodes: list[subprocess.Popen], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    codes = []
+    for node in nodes:
+        try:
+            codes.append(node.wait(timeout=max(1.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            for other in nodes:
+                other.kill()
+            raise
+    return codes
+
+
+def node_logs(logs: Path) -> str:
+    return "\n".join(f"--- {path.name}\n{path.read_text()[-4000:]}" for path in sorted(logs.glob("*.log")))

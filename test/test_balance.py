@@ -106,7 +106,7 @@ def losses(out) -> list[float]:
 @pytest.mark.launch
 def test_balanced_ranks_give_the_same_update_packed(tiny_model_dir, sample_path, tmp_path, zero3_run):
     out = tmp_path / "unbalanced"
-    assert_ok(run_trainer(zero3_run_args(tiny_model_dir, sample_path, out, "--no-balance-ranks"), deepspeed_ranks=2))
+    assert_ok(run_trainer(zero3_run_args(tiny_model_dir, sample_path, out, "--no-balance-ranks"), ranks=2))
     assert max_weight_difference(zero3_run.out / "model.safetensors", out / "model.safetensors") <= TOLERANCE
     assert losses(zero3_run.out) == pytest.approx(losses(out), abs=TOLERANCE)
 
@@ -114,11 +114,11 @@ def test_balanced_ranks_give_the_same_update_packed(tiny_model_dir, sample_path,
 @pytest.mark.launch
 def test_balanced_ranks_give_the_same_update_padded(tiny_model_dir, sample_path, tmp_path):
     balanced, unbalanced = tmp_path / "balanced", tmp_path / "unbalanced"
-    assert_ok(run_trainer(zero3_run_args(tiny_model_dir, sample_path, balanced, "--no-packing"), deepspeed_ranks=2))
+    assert_ok(run_trainer(zero3_run_args(tiny_model_dir, sample_path, balanced, "--no-packing"), ranks=2))
     assert_ok(
         run_trainer(
             zero3_run_args(tiny_model_dir, sample_path, unbalanced, "--no-packing", "--no-balance-ranks"),
-            deepspeed_ranks=2,
+            ranks=2,
         )
     )
     assert max_weight_difference(balanced / "model.safetensors", unbalanced / "model.safetensors") <= TOLERANCE

@@ -56,7 +56,7 @@ def test_a_launch_killed_during_its_first_op_build_does_not_hang_the_next(tiny_m
 
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(
-            trainer_command(args("first"), deepspeed_ranks=2),
+            trainer_command(args("first"), ranks=2, launcher="deepspeed"),
             cwd=PROJECT_ROOT,
             env=subprocess_env(**env),
             stdout=log,
@@ -72,7 +72,7 @@ def test_a_launch_killed_during_its_first_op_build_does_not_hang_the_next(tiny_m
     assert build_locks(extensions), "the killed build left no lock: nothing was tested"
 
     started = time.monotonic()
-    second = run_trainer(args("second"), deepspeed_ranks=2, env=env, timeout=NEXT_LAUNCH_WITHIN_S)
+    second = run_trainer(args("second"), ranks=2, launcher="deepspeed", env=env, timeout=NEXT_LAUNCH_WITHIN_S)
     elapsed = time.monotonic() - started
     assert_ok(second)
     print(f"the next launch finished in {elapsed:.0f} s")
@@ -114,6 +114,8 @@ def test_two_notebook_runs_at_once_each_finish_with_their_own_model(tiny_model_d
         "twin",
         "--training_dataset",
         str(data),
+        "--num_gpus",
+        "1",  # one rank each: two runs' ranks on the 2 cores, not four
     ]
     with contextlib.ExitStack() as files:
         logs = [files.enter_context(open(tmp_path / f"notebook{i}.log", "w")) for i in range(2)]

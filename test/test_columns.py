@@ -118,7 +118,7 @@ def test_your_columns_train_under_the_launcher_and_replay(layout, tiny_model_dir
     out = tmp_path / "out"
     result = run_trainer(
         quick_training_args(tiny_model_dir, data, out, "--columns", columns, "--max-steps", "2", "--no-mlflow"),
-        deepspeed_ranks=2,
+        ranks=2,
     )
     assert_ok(result)
     record = json.loads((out / RUN_CONFIG_NAME).read_text())

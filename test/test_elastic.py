@@ -11,20 +11,27 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import pytest
 from helpers import (
+    NODES,
     assert_ok,
     assert_resumed_like_uninterrupted,
     copy_run,
     invoke_trainer,
     lora_run_args,
     max_weight_difference,
+    node_logs,
     run_killed,
     run_trainer,
+    start_nodes,
+    torchrun_node,
+    wait_all,
     zero3_run_args,
 )
 
+from training.driver.plan import free_port
 from training.rank.elastic import UNIVERSAL_MARKER, BatchShape, keep_global_batch
 from training.settings import SettingsError, TrainSettings
 
@@ -40,7 +47,7 @@ def assert_kept(log: str, kept: str) -> None:
 def test_a_zero3_run_of_two_ranks_resumes_on_one(tiny_model_dir, sample_path, tmp_path, zero3_run, zero3_killed_at_2):
     out = copy_run(zero3_killed_at_2, tmp_path / "out")  # 2 ranks, killed after checkpoint-2 (conftest)
     args = zero3_run_args(tiny_model_dir, sample_path, out)
-    resumed = run_trainer(args + ["--resume"], deepspeed_ranks=1)
+    resumed = run_trainer(args + ["--resume"], ranks=1)
     assert_ok(resumed)
     assert_kept(resumed.stderr, "4 per device x 2 accumulation x 1 rank")
     assert (out / "checkpoint-2" / UNIVERSAL_MARKER).exists() and (out / "checkpoint-2" / "latest_universal").exists()
@@ -55,12 +62,21 @@ def test_a_zero3_run_of_two_ranks_resumes_on_one(tiny_model_dir, sample_path, tm
     assert record["resolved"]["world_size"] == 1 and record["settings"]["gradient_accumulation_steps"] == 2
 
 
-@pytest.mark.launch
-def test_a_zero3_run_of_one_rank_resumes_on_two(tiny_model_dir, sample_path, tmp_path, zero3_run):
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def one_rank_killed_at_2(tiny_model_dir, sample_path, tmp_path_factory):
+    """A 1-rank run of the shared run's global batch (4 per device x 2 accumulation), killed after checkpoint-2.
+    Tests resume copies of it."""
+    out = tmp_path_factory.mktemp("one-rank-killed") / "out"
     args = zero3_run_args(tiny_model_dir, sample_path, out, "--gradient-accumulation-steps", "2")  # 8 per step
-    run_killed(args, "kill-after-checkpoint:2", ranks=1)
-    resumed = run_trainer(args + ["--resume"], deepspeed_ranks=2)
+    run_killed(args, "kill-after-checkpoint:2", ranks=1, shared_run=True)
+    return out
+
+
+@pytest.mark.launch
+def test_a_zero3_run_of_one_rank_resumes_on_two(tiny_model_dir, sample_path, tmp_path, zero3_run, one_rank_killed_at_2):
+    out = copy_run(one_rank_killed_at_2, tmp_path / "out")
+    args = zero3_run_args(tiny_model_dir, sample_path, out, "--gradient-accumulation-steps", "2")
+    resumed = run_trainer(args + ["--resume"], ranks=2)
     assert_ok(resumed)
     assert_kept(resumed.stderr, "4 per device x 1 accumulation x 2 ranks")
     print(
@@ -75,7 +91,7 @@ def test_a_zero3_run_of_one_rank_resumes_on_two(tiny_model_dir, sample_path, tmp
 def test_a_lora_run_of_two_ranks_resumes_on_one(tiny_model_dir, sample_path, tmp_path, lora_run, lora_killed_at_2):
     out = copy_run(lora_killed_at_2, tmp_path / "out")  # 2 ranks, killed after checkpoint-2 (conftest)
     args = lora_run_args(tiny_model_dir, sample_path, out)
-    resumed = run_trainer(args + ["--resume"], deepspeed_ranks=1)
+    resumed = run_trainer(args + ["--resume"], ranks=1)
     assert_ok(resumed)
     assert_kept(resumed.stderr, "4 per device x 2 accumulation x 1 rank")
     assert_resumed_like_uninterrupted(
@@ -123,3 +139,34 @@ def test_a_global_batch_that_does_not_split_says_what_to_do(tmp_path):
     start = TrainSettings(local_output_dir=str(tmp_path), per_device_train_batch_size=4)
     with pytest.raises(SettingsError, match="does not split over 3 ranks; run on a number of ranks that divides 8"):
         keep_global_batch(start, BatchShape(4, 1, 2), 3)
+
+
+WAITER_GIVES_UP_WITHIN_S = 120  # handoff's silent limit, lowered to 10 s here, or at once when the store is gone
+
+
+@pytest.mark.launch
+def test_ranks_waiting_for_a_conversion_whose_process_was_killed_fail_with_a_message(
+    tiny_model_dir, sample_path, tmp_path, one_rank_killed_at_2
+):
+    """Resumed on two "nodes" (torchrun, one rank each), the main process is killed while it converts the 1-rank
+    checkpoint; the rank on the other node, waiting for it, fails with a message that says what it waited for."""
+    out = copy_run(one_rank_killed_at_2, tmp_path / "out")
+    args = zero3_run_args(tiny_model_dir, sample_path, out, "--gradient-accumulation-steps", "2", "--resume")
+    port = free_port()
+    started = time.monotonic()
+    nodes = start_nodes(
+        [torchrun_node(rank, port, args, module="fault_injection") for rank in range(NODES)],
+        tmp_path / "logs",
+        DOLLY_FAULT="kill-while-converting:0",
+        DOLLY_FAULT_SILENT_S="10",
+    )
+    codes = wait_all(nodes, timeout=WAITER_GIVES_UP_WITHIN_S + 60)
+    elapsed = time.monotonic() - started
+    logs = node_logs(tmp_path / "logs")
+    print(f"both nodes ended {elapsed:.1f} s after the launch ({codes})")
+    assert all(code != 0 for code in codes), logs
+    waiter = (tmp_path / "logs" / "node1.log").read_text()
+    assert "HandoffError" in waiter, logs
+    assert f"while it was to convert {out / 'checkpoint-2'} for 2 ranks" in waiter, logs
+    assert elapsed < WAITER_GIVES_UP_WITHIN_S, elapsed
+    assert not (out / "checkpoint-2" / UNIVERSAL_MARKER).exists()  # nothing half-converted passes as done

@@ -55,9 +55,7 @@ def test_each_family_trains_under_two_ranks_and_zero3_and_answers(tiny_model_dir
         for family in FAMILIES
     ]
     args = zero3_run_args(Path(pairs[0][0]), twelve_records, Path(pairs[0][1]), *FAMILY_OPTIONS)
-    run = run_trainer(
-        args, deepspeed_ranks=2, module="family_sweep", env={"DOLLY_SWEEP": json.dumps(pairs)}, timeout=900
-    )
+    run = run_trainer(args, ranks=2, module="family_sweep", env={"DOLLY_SWEEP": json.dumps(pairs)}, timeout=900)
     assert_ok(run)
     for family, (_, out) in zip(FAMILIES, pairs):
         record = json.loads((Path(out) / RUN_CONFIG_NAME).read_text())

@@ -5,18 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import PROJECT_ROOT, assert_finished, invoke_trainer, quick_training_args, run_example, subprocess_env
+from helpers import PROJECT_ROOT, assert_finished, invoke_trainer, quick_training_args, run_example
 
-from training.driver.launch import free_port
 from training.rank.tracking import local_mlflow_store
 
 CPU_CONFIG = str(PROJECT_ROOT / "config" / "cpu_config.json")
@@ -126,63 +119,7 @@ def test_the_logged_model_loads_and_answers(tracked_run, monkeypatch):
     table = pd.DataFrame({"instruction": ["Name a colour.", "Who wrote it?"], "context": ["", "Hamlet is a play."]})
     answers = model.predict(table, params={"max_new_tokens": 6})
     assert len(answers) == 2 and all(isinstance(answer, str) for answer in answers)
-    assert model.metadata.get_input_schema().input_names() == ["instruction", "context"]
-
-
-def bin_first() -> str:
-    """PATH with this environment's scripts first (the scoring server starts ``uvicorn`` by name)."""
-    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-
-
-def test_mlflow_models_serve_answers_over_http(tracked_run, tmp_path):
-    _, run = only_run(tracked_run["uri"])
-    port = free_port()
-    server_log = open(tmp_path / "server.log", "w")  # noqa: SIM115 (the server writes it until the finally below)
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "models",
-            "serve",
-            "-m",
-            f"runs:/{run.info.run_id}/model",
-            "--env-manager",
-            "local",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        cwd=tmp_path,
-        env=subprocess_env(**tracked_run["env"], PATH=bin_first()),
-        stdout=server_log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as ping:
-                    if ping.status == 200:
-                        break
-            except OSError:
-                time.sleep(1)
-        body = json.dumps({"dataframe_records": [{"instruction": "Name a colour."}], "params": {"max_new_tokens": 6}})
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations", data=body.encode(), headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=120) as response:
-            predictions = json.loads(response.read())["predictions"]
-        assert len(predictions) == 1 and isinstance(predictions[0], str)
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=30)
-        server_log.close()
+    assert model.metadata.get_input_schema().input_names() == ["messages", "instruction", "context"]
 
 
 def test_evaluation_before_and_after_lands_in_the_card_and_the_run(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import PROJECT_ROOT, subprocess_env, zero3_run_args
+from helpers import NODES, node_logs, start_nodes, torchrun_node, wait_all, zero3_run_args
 from safetensors.torch import load_file
 
 from training.driver.launch import free_port
@@ -19,29 +19,7 @@ from training.rank.checkpoints import COMPLETE_MARKER
 
 pytestmark = pytest.mark.launch
 
-NODES = 2
 KILLED_JOB_ENDS_WITHIN_S = 120
-
-
-def torchrun_node(rank: int, port: int, args: list[str]) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        str(NODES),
-        "--node-rank",
-        str(rank),
-        "--nproc-per-node",
-        "1",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(port),
-        "-m",
-        "training.trainer",
-        *args,
-    ]
 
 
 def deepspeed_node(rank: int, port: int, args: list[str], hostfile: Path) -> list[str]:
@@ -74,37 +52,6 @@ def node_commands(launcher: str, args: list[str], tmp_path: Path) -> list[list[s
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("".join(f"node{rank} slots=1\n" for rank in range(NODES)))
     return [deepspeed_node(rank, port, args, hostfile) for rank in range(NODES)]
-
-
-def start_nodes(commands: list[list[str]], logs: Path) -> list[subprocess.Popen]:
-    logs.mkdir(parents=True, exist_ok=True)
-    return [
-        subprocess.Popen(
-            command,
-            cwd=PROJECT_ROOT,
-            env=subprocess_env(),
-            stdout=open(logs / f"node{rank}.log", "w"),
-            stderr=subprocess.STDOUT,
-        )
-        for rank, command in enumerate(commands)
-    ]
-
-
-def wait_all(nodes: list[subprocess.Popen], timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
-    codes = []
-    for node in nodes:
-        try:
-            codes.append(node.wait(timeout=max(1.0, deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:
-            for other in nodes:
-                other.kill()
-            raise
-    return codes
-
-
-def node_logs(logs: Path) -> str:
-    return "\n".join(f"--- {path.name}\n{path.read_text()[-4000:]}" for path in sorted(logs.glob("*.log")))
 
 
 def weights(folder: Path) -> dict:

@@ -14,9 +14,11 @@ from training.driver.notebook import (
     EXAMPLE_INSTRUCTIONS,
     NotebookWidgets,
     RunPaths,
+    driver_generation_problem,
     notebook_plan,
     run_paths,
 )
+from training.settings import SettingsError
 
 
 def option(command: list[str], name: str) -> str:
@@ -367,3 +369,28 @@ def test_a_launch_an_earlier_run_left_running_is_reported_and_can_be_stopped(tmp
         assert running_launches(later) == [] and not list((tmp_path / "root" / ".dolly-launches").iterdir())
     finally:
         earlier.kill()
+
+
+def test_the_register_model_widget_reaches_the_trainer_and_a_bad_name_stops_the_plan():
+    plan = notebook_plan(
+        input_model="EleutherAI/pythia-2.8b",
+        gpu_family="a100",
+        paths=PATHS,
+        overrides={"register_model": "main.default.dolly"},
+    )
+    command = launcher_command(plan)
+    assert command[command.index("--register-model") + 1] == "main.default.dolly"
+    with pytest.raises(SettingsError, match="a Unity Catalog model name has three parts"):
+        notebook_plan(input_model="x", gpu_family="a100", paths=PATHS, overrides={"register_model": "main.dolly"})
+
+
+def test_a_driver_without_a_gpu_skips_answering_for_a_gpu_run_and_says_why(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    reason = driver_generation_problem("a100", "/dbfs/runs/dolly")
+    assert reason.startswith("Skipped here: this notebook's process has no GPU, and the model trained on a100 GPUs")
+    assert "python -m training.evaluate /dbfs/runs/dolly" in reason
+    assert driver_generation_problem("cpu", "/tmp/out") is None  # a CPU run answers where it trained
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert driver_generation_problem("a100", "/dbfs/runs/dolly") is None

@@ -292,7 +292,7 @@ def test_ranks_whose_packing_checks_disagree_all_train_on_padded_batches(tiny_mo
 
     run = run_trainer(
         zero3_run_args(tiny_model_dir, sample_path, tmp_path / "out", "--max-steps", "2"),
-        deepspeed_ranks=2,
+        ranks=2,
         module="fault_injection",
         env={"DOLLY_FAULT": "packing-check-fails-on-rank:1"},
     )

@@ -164,7 +164,7 @@ def test_a_two_rank_run_reads_and_tokenizes_once_and_the_next_run_reuses_it(tiny
         notes.mkdir()
         run = run_trainer(
             zero3_run_args(tiny_model_dir, sample_path, tmp_path / name, "--max-steps", "2"),
-            deepspeed_ranks=2,
+            ranks=2,
             module="data_counting",
             env={"DOLLY_COUNT_DIR": str(notes)},
         )
@@ -190,11 +190,11 @@ def test_a_resume_on_changed_data_is_refused_before_the_model_loads_unless_allow
     data = tmp_path / "data.jsonl"
     shutil.copy(sample_path, data)
     out = tmp_path / "out"
-    assert_ok(run_trainer(zero3_run_args(tiny_model_dir, data, out, "--max-steps", "2"), deepspeed_ranks=2))
+    assert_ok(run_trainer(zero3_run_args(tiny_model_dir, data, out, "--max-steps", "2"), ranks=2))
     with data.open("a") as handle:
         handle.write(json.dumps(EXTRA_RECORD) + "\n")
 
-    refused = run_trainer(zero3_run_args(tiny_model_dir, data, out, "--max-steps", "4", "--resume"), deepspeed_ranks=2)
+    refused = run_trainer(zero3_run_args(tiny_model_dir, data, out, "--max-steps", "4", "--resume"), ranks=2)
     log = refused.stdout + refused.stderr
     assert refused.returncode != 0
     assert f"--resume: the data is not what {out / 'checkpoint-2'} was trained on (the training data's content" in log
@@ -204,7 +204,7 @@ def test_a_resume_on_changed_data_is_refused_before_the_model_loads_unless_allow
 
     allowed = run_trainer(
         zero3_run_args(tiny_model_dir, data, out, "--max-steps", "4", "--resume", "--allow-changed-data"),
-        deepspeed_ranks=2,
+        ranks=2,
     )
     assert_ok(allowed)
     assert (

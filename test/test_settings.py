@@ -245,8 +245,8 @@ def test_run_config_records_the_run_and_replays_it(zero3_run, sample_path, tmp_p
 
     # Re-run from the record alone: the same weights.
     again = run_trainer(
-        ["--config", str(first / RUN_CONFIG_NAME), "--local-output-dir", str(second)], deepspeed_ranks=2
-    )
+        ["--config", str(first / RUN_CONFIG_NAME), "--local-output-dir", str(second)], ranks=2, launcher="deepspeed"
+    )  # as the first run was launched: the record has its --local_rank
     assert again.returncode == 0, again.stderr[-5000:]
     second_record = json.loads((second / RUN_CONFIG_NAME).read_text())
     assert {**second_record["settings"], "local_output_dir": str(first)} == record["settings"]

@@ -21,6 +21,7 @@ from helpers import (
     TEST_DIR,
     assert_ok,
     assert_resumed_like_uninterrupted,
+    max_weight_difference,
     run_trainer,
     subprocess_env,
     trainer_command,
@@ -35,6 +36,7 @@ from training.rank.stopping import STOP_FILE_NAME, STOPPED_EXIT_CODE, StopReques
 SHARED_RUN_STEPS = 4  # conftest's zero3_run: the uninterrupted reference
 STOPPED_AT = 3  # the faults below stop the run while step 3 runs
 RANKS_GONE_WITHIN_S = 30  # after DeepSpeed's runner exits at once, its ranks finish their step and exit themselves
+LONG_STEP_S = 35  # a step longer than the 30 s DeepSpeed's per-node launcher and torchrun give their ranks
 
 
 def rank_processes(root: psutil.Process, count: int, timeout: float = 120) -> list[psutil.Process]:
@@ -64,7 +66,7 @@ def assert_stopped_with_a_checkpoint(out: Path, log: str, step: int = STOPPED_AT
 
 def run_stopped_then_resume(args: list[str], out: Path, zero3_run) -> None:
     """The stopped run resumed on the same ranks ends as the uninterrupted run did."""
-    resumed = run_trainer(args + ["--resume"], deepspeed_ranks=2)
+    resumed = run_trainer(args + ["--resume"], ranks=2)
     assert_ok(resumed)
     assert_resumed_like_uninterrupted(zero3_run.out, out, resumed, resumed_from=STOPPED_AT, steps=SHARED_RUN_STEPS)
 
@@ -78,9 +80,10 @@ def test_sigterm_to_the_deepspeed_launcher_stops_every_rank_after_its_step(
     log = tmp_path / "stopped.log"
     with open(log, "w") as sink:
         launcher = subprocess.Popen(
-            trainer_command(args, deepspeed_ranks=2, module="fault_injection"),
+            trainer_command(args, ranks=2, launcher="deepspeed", module="fault_injection"),
             cwd=PROJECT_ROOT,
-            env=subprocess_env(DOLLY_FAULT="signal-launcher-at:2"),
+            # The step the stop lands in lasts longer than the 30 s DeepSpeed's per-node launcher gives its ranks.
+            env=subprocess_env(DOLLY_FAULT="signal-launcher-at:2", DOLLY_FAULT_PAUSE_S=str(LONG_STEP_S)),
             stdout=sink,
             stderr=subprocess.STDOUT,
         )
@@ -88,12 +91,17 @@ def test_sigterm_to_the_deepspeed_launcher_stops_every_rank_after_its_step(
         code = launcher.wait(timeout=300)
         exited_at = time.monotonic()
         # DeepSpeed's runner has no handler on one node: SIGTERM ends it at once. Its ranks notice it is gone, finish
-        # the step they are in, write a checkpoint there and exit; none trains on as an orphan.
+        # the step they are in, write a checkpoint there and exit; none trains on as an orphan, and nothing cuts the
+        # long step short.
         assert code == -signal.SIGTERM, log.read_text()[-3000:]
-        while alive(ranks) and time.monotonic() - exited_at < RANKS_GONE_WITHIN_S:
+        while alive(ranks) and time.monotonic() - exited_at < LONG_STEP_S + RANKS_GONE_WITHIN_S:
             time.sleep(0.2)
         assert not alive(ranks), log.read_text()[-3000:]
-    print(f"ranks gone {time.monotonic() - exited_at:.1f} s after the runner exited")
+    marker = out / f"checkpoint-{STOPPED_AT}" / COMPLETE_MARKER
+    print(
+        f"ranks gone {time.monotonic() - exited_at:.1f} s after the runner exited; checkpoint complete "
+        f"{marker.stat().st_mtime - (time.time() - (time.monotonic() - exited_at)):.1f} s after the signal"
+    )
     text = log.read_text()
     assert "the launcher that started this rank exited" in text
     assert_stopped_with_a_checkpoint(out, text)
@@ -179,7 +187,9 @@ def test_a_step_that_outlasts_the_grace_period_is_stopped_at_once(tiny_model_dir
     out = tmp_path / "out"
     args = zero3_run_args(tiny_model_dir, sample_path, out, "--stop-grace-period", "2")
     started = time.monotonic()
-    result = run_trainer(args, deepspeed_ranks=2, module="fault_injection", env={"DOLLY_FAULT": "hang-at:2"})
+    result = run_trainer(
+        args, ranks=2, launcher="deepspeed", module="fault_injection", env={"DOLLY_FAULT": "hang-at:2"}
+    )
     assert result.returncode == STOPPED_EXIT_CODE, result.stderr[-3000:]
     assert time.monotonic() - started < 120
     assert "Stopping at once (the grace period is over)" in result.stderr
@@ -275,7 +285,7 @@ def test_a_stop_on_an_evaluation_step_saves_without_evaluating_and_a_stale_stop_
 
     threading.Thread(target=stop_when_paused, daemon=True).start()
     stopped = run_trainer(
-        args, deepspeed_ranks=2, module="fault_injection", env={"DOLLY_FAULT": "pause-for-stop-file-at:1"}
+        args, ranks=2, launcher="deepspeed", module="fault_injection", env={"DOLLY_FAULT": "pause-for-stop-file-at:1"}
     )
     log = stopped.stdout + stopped.stderr
     assert stopped.returncode == STOPPED_EXIT_CODE, log[-4000:]
@@ -284,7 +294,40 @@ def test_a_stop_on_an_evaluation_step_saves_without_evaluating_and_a_stale_stop_
 
     (out / STOP_FILE_NAME).write_text("{}")  # a notebook that died before taking its stop back, a while ago
     os.utime(out / STOP_FILE_NAME, (time.time() - 60, time.time() - 60))
-    resumed = run_trainer(args + ["--resume"], deepspeed_ranks=2)
+    resumed = run_trainer(args + ["--resume"], ranks=2)
     assert_ok(resumed)
     assert "not a stop request to it" in resumed.stdout + resumed.stderr
     assert is_finished_output(out) and (out / "checkpoint-4" / COMPLETE_MARKER).exists()
+
+
+@pytest.mark.launch
+def test_a_sigterm_to_the_whole_launch_while_publishing_ends_finished_or_resumable_and_says_which(
+    tiny_model_dir, sample_path, tmp_path, zero3_run
+):
+    """SIGTERM to every process of a launch (a cluster shutdown) while the finished model is being saved: within the
+    grace period the publish finishes and the notebook's launch reports a finished run; past it, the ranks end with
+    the last complete checkpoint (the final step's), the launch reports a stop, and --resume publishes."""
+    import training.driver.launch as launch
+
+    def launch_with_the_signal(out: Path, *extra: str, pause_s: float) -> None:
+        args = zero3_run_args(tiny_model_dir, sample_path, out, *extra)
+        env = subprocess_env(DOLLY_FAULT="signal-group-while-publishing:0", DOLLY_FAULT_PAUSE_S=str(pause_s))
+        launch.run_launcher(
+            trainer_command(args, ranks=2, launcher="deepspeed", module="fault_injection"),
+            out,
+            cwd=PROJECT_ROOT,
+            env=env,
+        )
+
+    finished = tmp_path / "finished"
+    launch_with_the_signal(finished, pause_s=3)  # returns: a finished run, though its launcher was killed
+    assert is_finished_output(finished)
+    assert max_weight_difference(zero3_run.out / "model.safetensors", finished / "model.safetensors") <= 1e-6
+
+    cut = tmp_path / "cut"
+    with pytest.raises(launch.TrainingStopped, match=f"training stopped at step {SHARED_RUN_STEPS} "):
+        launch_with_the_signal(cut, "--stop-grace-period", "2", pause_s=8)
+    assert not is_finished_output(cut) and (cut / f"checkpoint-{SHARED_RUN_STEPS}" / COMPLETE_MARKER).exists()
+    resumed = run_trainer(zero3_run_args(tiny_model_dir, sample_path, cut, "--resume"), ranks=2)
+    assert_ok(resumed)
+    assert max_weight_difference(zero3_run.out / "model.safetensors", cut / "model.safetensors") <= 1e-6

@@ -4,7 +4,15 @@ own logic), then the saved model through a pipeline."""
 import json
 
 import pytest
-from helpers import PROJECT_ROOT, assert_finished, assert_ok, invoke_trainer, quick_training_args, run_example
+from helpers import (
+    PROJECT_ROOT,
+    assert_finished,
+    assert_ok,
+    invoke_trainer,
+    max_weight_difference,
+    quick_training_args,
+    run_example,
+)
 from transformers import pipeline
 
 from training.rank.checkpoints import COMPLETE_MARKER
@@ -170,3 +178,25 @@ def test_bad_option_values_stop_before_anything_starts_naming_the_option(
     errors = [line for line in result.output.splitlines() if line.startswith("Error")]
     assert len(errors) == 1 and expected in errors[0], result.output
     assert not (tmp_path / "out").exists()  # nothing was started
+
+
+def test_a_resume_from_the_last_steps_checkpoint_publishes_the_trained_weights_without_training_more(
+    tiny_model_dir, sample_path, tmp_path
+):
+    """A run stopped while it published resumes from its last step's checkpoint: no step more (the Trainer would run
+    the epoch's next one: --max-steps ends this run inside its epoch), and every trained weight, the GPT-NeoX output
+    layer included (the Trainer's own checkpoint load skips it: save_pretrained stores it as embed_out)."""
+    import shutil
+
+    out = tmp_path / "out"
+    args = quick_training_args(tiny_model_dir, sample_path, out, "--no-mlflow", "--eval-answers", "0")
+    assert_finished(invoke_trainer(args))
+    published = tmp_path / "published.safetensors"
+    shutil.copy(out / "model.safetensors", published)
+    for name in ("config.json", "model.safetensors"):  # as a publish cut short leaves the folder: not finished
+        (out / name).unlink()
+    resumed = invoke_trainer([*args, "--resume"])
+    assert_finished(resumed)
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
+    assert not (out / "checkpoint-5").exists()
+    assert max_weight_difference(published, out / "model.safetensors") == 0.0

@@ -68,6 +68,26 @@ def json_object_file(value: str | None) -> None:
         raise ValueError(f"{value}: expected a JSON object of DeepSpeed settings")
 
 
+def registry_model_name(value: str) -> None:
+    """A name MLflow's model registry takes: no '/' or ':'; a dotted name is Unity Catalog's catalog.schema.model,
+    each part as Unity Catalog names must be (at most 255 characters, no space, '/', '.' or control characters)."""
+    if not value.strip():
+        raise ValueError("must not be empty")
+    if "/" in value or ":" in value:
+        raise ValueError(f"MLflow's registry refuses '/' and ':' in a model name, got {value!r}")
+    if "." not in value:
+        return
+    parts = value.split(".")
+    if len(parts) != 3:
+        raise ValueError(f"a Unity Catalog model name has three parts, catalog.schema.model, got {value!r}")
+    for part in parts:
+        if not part or len(part) > 255 or any(char == " " or ord(char) < 0x20 or ord(char) == 0x7F for char in part):
+            raise ValueError(
+                f"{part!r} in {value!r} is not a Unity Catalog name (1 to 255 characters, no space, '/', '.' or "
+                "control characters)"
+            )
+
+
 def parse_test_size(value: str | float | int) -> float | int:
     """A held-out count ("1000") or a ratio ("0.1"); 0 turns evaluation off."""
     number = float(value)
@@ -206,7 +226,11 @@ class TrainSettings:
         "named keep dolly's names), or alpaca (instruction, input, output); default: dolly's own.",
     )
     register_model: str | None = setting(
-        None, help="Also register the logged model in MLflow's model registry under this name."
+        None,
+        check=registry_model_name,
+        help="Also register the logged model (the chat model a serving endpoint takes) as a new version of this "
+        "registered model: NAME in a workspace or local registry, catalog.schema.model in Unity Catalog (Databricks' "
+        "default registry).",
     )
     eval_answers: int = setting(
         4,

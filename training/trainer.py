@@ -42,7 +42,7 @@ from .rank.run_lock import run_lock
 from .rank.run_record import RUN_CONFIG_NAME, RunRecorder, read_run_config
 from .rank.saving import prepare_output_dir
 from .rank.stopping import STOPPED_EXIT_CODE, RunStopped, StopRequests
-from .rank.tracking import mlflow_run
+from .rank.tracking import check_registry, mlflow_run
 from .saved_model.model_card import read_json
 from .settings import SettingsError, TrainSettings, click_options, given_settings, parse_test_size
 
@@ -81,6 +81,7 @@ def train(settings: TrainSettings | None = None, **kwargs) -> Path:
     elif kwargs:
         settings = dataclasses.replace(settings, **kwargs)
     output_dir = Path(settings.local_output_dir)
+    check_registry(settings)  # a name the registry would refuse, refused now rather than after training
     with run_lock(output_dir, is_main_process()):
         checkpoint = prepare_output_dir(
             output_dir,

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import IO, TypeVar
 
 from ..rank.checkpoints import checkpoint_step, list_checkpoints
-from ..rank.saving import is_finished_output
+from ..rank.saving import LOADER_ENTRY_FILES, is_finished_output
 from ..rank.stopping import STOP_FILE_NAME
 from ..settings import command_line
 from .launch_records import record_launch, warn_about_running_launches
@@ -47,6 +47,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 TAIL_LINES = 400
+# How long a launch's ranks may run on after their launcher exited before the verdict stops waiting for them: a
+# stop's grace period (90 s by default) and the checkpoint it writes.
+RANKS_OUTLIVE_LAUNCHER_S = 600.0
 RANK_EXIT = re.compile(r"exits with return code = (-?\d+)")
 # What a failing rank prints last: an exception line (``module.Name: message``) or a native abort.
 ERROR_LINE = re.compile(
@@ -176,13 +179,29 @@ def run_launcher(command: list[str], output_dir: str | os.PathLike, *, cwd: Path
     )
     record = record_launch(process.pid, output_dir, shlex.join(command))
     try:
-        _wait_for_launcher(process, output_dir)
+        _wait_for_launcher(process, output_dir, started=time.time() - 1.0)  # (a second for a coarse clock)
     finally:
         record.unlink(missing_ok=True)
 
 
-def _wait_for_launcher(process: subprocess.Popen, output_dir: str | os.PathLike) -> None:
-    """Stream a started launch's output until it ends; raise as :func:`run_launcher` says."""
+def published_since(output_dir: str | os.PathLike, started: float) -> bool:
+    """Whether ``output_dir`` holds a finished model published after ``started`` (by this launch)."""
+    entries = [Path(output_dir) / name for name in LOADER_ENTRY_FILES]
+    return any(entry.is_file() and entry.stat().st_mtime >= started for entry in entries)
+
+
+def ranks_reported_a_stop(lines: list[str]) -> bool:
+    """Whether the ranks' last lines say they stopped on request (``... run again with --resume``)."""
+    return any("run again with --resume" in line for line in lines)
+
+
+def _wait_for_launcher(process: subprocess.Popen, output_dir: str | os.PathLike, *, started: float) -> None:
+    """Stream a started launch's output until it and its ranks end; raise as :func:`run_launcher` says.
+
+    The ranks can outlive their launcher (DeepSpeed's runner exits at once on SIGTERM; its ranks finish their step,
+    or the publish they are in): the verdict waits for them (they hold the output pipes), then reads the folder, so
+    a model published after a stop is reported as finished, and a stop as a stop, whoever asked for it.
+    """
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     readers = [
         threading.Thread(target=_tee, args=(process.stdout, sys.stdout, tail), daemon=True),
@@ -197,14 +216,29 @@ def _wait_for_launcher(process: subprocess.Popen, output_dir: str | os.PathLike)
     except BaseException:
         end_process_group(process)
         raise
+    deadline = time.monotonic() + RANKS_OUTLIVE_LAUNCHER_S
     for reader in readers:
-        reader.join()
-    if stop_requested and returncode != 0:
+        reader.join(timeout=max(0.0, deadline - time.monotonic()))
+    if any(reader.is_alive() for reader in readers):
+        logger.warning(
+            "Processes of this launch still run %.0f s after its launcher exited (they hold its output): see ps",
+            RANKS_OUTLIVE_LAUNCHER_S,
+        )
+    lines = list(tail)
+    if returncode != 0 and published_since(output_dir, started):
+        logger.warning(
+            "The launcher exited with code %s after the model was published: training finished (%s); what ran "
+            "after the publish (its copy, MLflow logging) may be incomplete, see the log above",
+            returncode,
+            output_dir,
+        )
+        return
+    if returncode != 0 and (stop_requested or ranks_reported_a_stop(lines)):
         raise stopped_error(output_dir, f"the launcher exited with code {returncode}")
     if returncode != 0:
         raise TrainingFailedError(
             f"training failed (the launcher exited with code {returncode}). The failing rank reported:\n"
-            f"{failure_summary(list(tail))}"
+            f"{failure_summary(lines)}"
         )
     if not is_finished_output(output_dir):
         raise TrainingFailedError(f"the launcher exited 0 but {output_dir} holds no finished model")

@@ -138,6 +138,8 @@ WIDGETS = [
     Widget("columns", "", ""),
     # lm-eval tasks for the dolly-v2 card's table after training ("dolly-v2" for its seven; empty: none).
     Widget("benchmarks", "", ""),
+    # Register the run's MLflow model as a new version of this name (catalog.schema.model in Unity Catalog).
+    Widget("register_model", "", ""),
 ]
 
 
@@ -392,6 +394,24 @@ def mlflow_environment(
 
     name = experiment_id or DEFAULT_EXPERIMENT
     return {"MLFLOW_TRACKING_URI": local_mlflow_store(training_root, name), "MLFLOW_EXPERIMENT_NAME": name}
+
+
+def driver_generation_problem(gpu_family: str, output_dir: str) -> str | None:
+    """Why the notebook's own process should not load the trained model to answer and evaluate (None: it can). A run
+    that trained on GPUs whose notebook process has none (the CPU-only driver of a multi-node cluster) would load
+    the model, and the base model beside it, into the driver's memory and generate on its CPU: for pythia-12b two
+    24 GB models and minutes per answer."""
+    if gpu_family == "cpu":
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    return (
+        f"Skipped here: this notebook's process has no GPU, and the model trained on {gpu_family} GPUs. Answer and "
+        f"evaluate where there is one: python -m training.evaluate {output_dir} --dataset DATA --baseline BASE_MODEL "
+        "(on a GPU machine that sees the folder), or serve the run's MLflow model."
+    )
 
 
 def evaluate_run(

@@ -131,6 +131,12 @@ class DollyTrainer(Trainer):
         return super().train(*args, **kwargs)
 
     def _run_epoch(self, model, epoch, *args, **kwargs):
+        # A run that has made all of its steps makes no more: a resume from the last step's checkpoint (a run stopped
+        # while it published) would otherwise train one step more when --max-steps ends the run inside an epoch (the
+        # Trainer runs the epoch's next step before it looks at max_steps).
+        if self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return None
         # The balanced sampler shuffles by epoch. The Trainer sets the epoch through accelerate's wrappers, which do
         # not reach it after a resume has wrapped it once more to skip batches: set it here, for every epoch.
         if self.balanced_sampler is not None:
@@ -145,6 +151,27 @@ class DollyTrainer(Trainer):
                 logs["tokens_per_second"] = round((seen - since[1]) / (now - since[0]), 1)
             self._last_log = (now, seen)
         super().log(logs, start_time)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """The checkpoint's weights, all of them. The Trainer reads a checkpoint's ``model.safetensors`` with a plain
+        ``load_state_dict``, but ``save_pretrained`` writes some weights under their checkpoint names (GPT-NeoX's
+        ``lm_head`` as ``embed_out``, transformers 5.24), which that load skips with a warning: a resumed Pythia
+        would go on with its untrained output layer. When the names differ, the weights are read again through
+        ``from_pretrained``, which maps them, and loaded strictly."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        model = model if model is not None else self.model
+        weights = Path(resume_from_checkpoint) / "model.safetensors"
+        if self.is_deepspeed_enabled or not weights.is_file() or hasattr(model, "peft_config"):
+            return
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as stored:
+            stored_names = set(stored.keys())
+        if stored_names <= set(model.state_dict()):
+            return
+        logger.info("Reloading %s through from_pretrained: its weight names differ from the model's", weights.parent)
+        reloaded = type(model).from_pretrained(resume_from_checkpoint, dtype=next(model.parameters()).dtype)
+        model.load_state_dict(reloaded.state_dict(), strict=True)
 
     def _save_checkpoint(self, model, trial) -> None:
         try:

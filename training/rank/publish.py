@@ -24,7 +24,7 @@ from .saving import (
     stopping_generation_config,
     write_pipeline_code,
 )
-from .tracking import log_checkpoints, log_run_files
+from .tracking import log_checkpoints, log_run_files, note_logged_model
 
 if TYPE_CHECKING:
     from .prepare import PreparedRun
@@ -92,14 +92,15 @@ def publish(trainer: Trainer, prepared: PreparedRun, recorder: RunRecorder, trac
         )
     except Exception as err:
         raise save_failed(err, "the finished model", output_dir) from err
-    if settings.dbfs_output_dir and is_main_process():
-        copy_to_dir(output_dir, settings.dbfs_output_dir)
     if tracking is not None:
         from ..saved_model.mlflow_model import log_pipeline_model
 
+        logged = log_pipeline_model(output_dir, registered_model_name=settings.register_model)  # its files only
+        note_logged_model(tracking, output_dir, logged, settings.register_model)  # the card names them
         log_run_files(tracking, output_dir, [RUN_CONFIG_NAME, CARD_NAME, LOSS_PLOT_NAME])
-        log_pipeline_model(output_dir, registered_model_name=settings.register_model)  # the model's files only
         if settings.mlflow_log_checkpoints:
             log_checkpoints(tracking, output_dir)
+    if settings.dbfs_output_dir and is_main_process():  # last: the copy's card names the MLflow model
+        copy_to_dir(output_dir, settings.dbfs_output_dir)
     trainer.accelerator.wait_for_everyone()  # no rank leaves while the main process is still writing
     trainer.accelerator.free_memory()  # releases the DeepSpeed engine: its hooks, buffers and optimizer

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..settings import TrainSettings, replayed_names
+from ..settings import SettingsError, TrainSettings, replayed_names
 from .stopping import RunStopped
 
 logger = logging.getLogger(__name__)
@@ -109,6 +110,43 @@ def log_run_files(run: Any, output_dir: Path, names: list[str]) -> None:
     for name in names:
         if (output_dir / name).is_file():
             mlflow.log_artifact(str(output_dir / name), artifact_path=ARTIFACT_FOLDER, run_id=run.info.run_id)
+
+
+REGISTERED_TAG = "dolly.registered_model"
+UNITY_CATALOG_REGISTRY = "databricks-uc"
+
+
+def check_registry(settings: TrainSettings) -> None:
+    """Refuse, before anything starts, a ``--register-model`` name the registry the run would use cannot take:
+    Unity Catalog (on Databricks, MLflow's default registry) needs catalog.schema.model."""
+    if not (settings.register_model and settings.mlflow):
+        return
+    import mlflow
+
+    registry = mlflow.get_registry_uri() or ""
+    if registry.startswith(UNITY_CATALOG_REGISTRY) and settings.register_model.count(".") != 2:
+        raise SettingsError(
+            f"register_model (--register-model): the model registry is Unity Catalog ({registry}), which needs a "
+            f"three-part name, catalog.schema.model; got {settings.register_model!r}"
+        )
+
+
+def note_logged_model(run: Any, output_dir: Path, logged: Any, registered_name: str | None) -> None:
+    """Record the run's MLflow model, and the version it registered, in the output folder (the model card names
+    them) and, when registered, as the run's tag ``dolly.registered_model`` (``NAME/VERSION``)."""
+    import mlflow
+
+    from ..saved_model.model_card import MLFLOW_MODEL_RECORD, write_model_card
+    from .checkpoints import write_atomically
+
+    record: dict[str, Any] = {"model_uri": logged.model_uri, "run_id": run.info.run_id}
+    version = getattr(logged, "registered_model_version", None)
+    if registered_name and version is not None:
+        record.update(registered_model=registered_name, version=int(version))
+        mlflow.set_tag(REGISTERED_TAG, f"{registered_name}/{version}")
+        logger.info("Registered the model as %s version %s", registered_name, version)
+    write_atomically(output_dir / MLFLOW_MODEL_RECORD, json.dumps(record, indent=2) + "\n")
+    write_model_card(output_dir)
 
 
 def log_checkpoints(run: Any, output_dir: Path) -> None:

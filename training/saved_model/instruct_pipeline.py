@@ -11,6 +11,7 @@ import logging
 import re
 from typing import Any
 
+import torch
 from transformers import Pipeline, PreTrainedTokenizerBase
 
 from .consts import END_KEY, RESPONSE_KEY_NL
@@ -41,8 +42,12 @@ def has_dolly_special_tokens(tokenizer: PreTrainedTokenizerBase) -> bool:
 class InstructionTextGenerationPipeline(Pipeline):
     """Answers instructions with the Dolly prompt template and stops at ``### End``.
 
-    Inputs are instruction strings, or dicts with ``instruction`` and optional ``context``, alone or in a list
-    (pass ``batch_size`` to generate several at once). Each input returns ``[{"generated_text": ...}]``.
+    Inputs are instruction strings, dicts with ``instruction`` and optional ``context``, or chats (``{"messages":
+    [{"role": "user", "content": ...}, ...]}``, prompted by the tokenizer's chat template, which a trained model's
+    tokenizer holds in Dolly's format), alone or in a list (pass ``batch_size`` to generate several at once). Each
+    input returns ``[{"generated_text": ...}]``; ``return_finish_reason`` adds why it ended (``end_key``, ``eos``,
+    ``stop_string`` or ``length``), ``return_usage`` its ``prompt_tokens`` and ``completion_tokens``, and ``stop``
+    (strings) ends an answer where one of them begins.
     """
 
     _pipeline_calls_generate = True
@@ -64,13 +69,23 @@ class InstructionTextGenerationPipeline(Pipeline):
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
     def _sanitize_parameters(
-        self, return_full_text: bool | None = None, return_finish_reason: bool | None = None, **kw
+        self,
+        return_full_text: bool | None = None,
+        return_finish_reason: bool | None = None,
+        return_usage: bool | None = None,
+        stop: list[str] | None = None,
+        **kw,
     ):
         postprocess_params: dict[str, Any] = {}
         if return_full_text is not None:
             postprocess_params["return_full_text"] = return_full_text
         if return_finish_reason is not None:
             postprocess_params["return_finish_reason"] = return_finish_reason
+        if return_usage is not None:
+            postprocess_params["return_usage"] = return_usage
+        if stop:
+            postprocess_params["stop"] = list(stop)
+            kw = {**kw, "stop_strings": list(stop), "tokenizer": self.tokenizer}  # generate ends there too
         return {}, kw, postprocess_params
 
     def _stop_token_ids(self) -> list[int]:
@@ -81,20 +96,40 @@ class InstructionTextGenerationPipeline(Pipeline):
             stop_ids.append(self.tokenizer.eos_token_id)
         return stop_ids
 
-    def preprocess(self, instruction: str | dict[str, str], **unused) -> dict[str, Any]:
-        if isinstance(instruction, dict):
-            instruction_text, context = instruction["instruction"], instruction.get("context")
+    def preprocess(self, instruction: str | dict[str, Any], **unused) -> dict[str, Any]:
+        if isinstance(instruction, dict) and "messages" in instruction:
+            prompt_text = self._chat_prompt(instruction["messages"])
+            instruction_text = next(
+                (m.get("content") or "" for m in reversed(instruction["messages"]) if m.get("role") == "user"), ""
+            )
         else:
-            instruction_text, context = instruction, None
-        prompt_text = format_generation_prompt(instruction_text, context)
+            if isinstance(instruction, dict):
+                instruction_text, context = instruction["instruction"], instruction.get("context")
+            else:
+                instruction_text, context = instruction, None
+            prompt_text = format_generation_prompt(instruction_text, context)
         inputs = self.tokenizer(prompt_text, return_tensors="pt")
         inputs["prompt_text"] = prompt_text
         inputs["instruction_text"] = instruction_text
         return inputs
 
+    def _chat_prompt(self, messages: list[dict[str, Any]]) -> str:
+        """The prompt the tokenizer's chat template makes of ``messages``, ready for the answer."""
+        if not self.tokenizer.chat_template:
+            raise ValueError(
+                "this tokenizer has no chat template (a model trained here has Dolly's): pass instructions instead "
+                "of messages"
+            )
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
     def _forward(self, model_inputs: dict[str, Any], **generate_kwargs) -> dict[str, Any]:
         input_ids = model_inputs["input_ids"]
         attention_mask = model_inputs.get("attention_mask")
+        prompt_tokens = (
+            attention_mask.sum(dim=1)
+            if attention_mask is not None
+            else torch.full((input_ids.shape[0],), input_ids.shape[1])
+        )
         overrides = {"eos_token_id": self._stop_token_ids(), "pad_token_id": self.tokenizer.pad_token_id}
         if generate_kwargs.get("do_sample") is False:  # greedy: Dolly's sampling defaults do not apply
             generate_kwargs = {**generate_kwargs, **dict.fromkeys(SAMPLING_DEFAULTS)}
@@ -106,7 +141,11 @@ class InstructionTextGenerationPipeline(Pipeline):
         in_batch = input_ids.shape[0]
         new_tokens = sequences[:, input_ids.shape[1] :]
         new_tokens = new_tokens.reshape(in_batch, new_tokens.shape[0] // in_batch, *new_tokens.shape[1:])
-        return {"new_tokens": new_tokens, "instruction_text": model_inputs["instruction_text"]}
+        return {
+            "new_tokens": new_tokens,
+            "prompt_tokens": prompt_tokens,
+            "instruction_text": model_inputs["instruction_text"],
+        }
 
     def _decode_response(self, tokens: list[int]) -> tuple[str, str]:
         """The response text and why it ended: ``end_key``, ``eos`` or ``length``."""
@@ -125,17 +164,41 @@ class InstructionTextGenerationPipeline(Pipeline):
         finish = "eos" if self.tokenizer.eos_token_id in tokens else "length"
         return text.strip(), finish
 
+    def _completion_token_count(self, tokens: list[int]) -> int:
+        """How many tokens the model generated for this answer: up to and including the token that ended it (the
+        rest of a batched row is padding)."""
+        ends = {self.tokenizer.eos_token_id}
+        if has_dolly_special_tokens(self.tokenizer):
+            ends.add(get_special_token_id(self.tokenizer, END_KEY))
+        for position, token in enumerate(tokens):
+            if token in ends:
+                return position + 1
+            if token == self.tokenizer.pad_token_id:
+                return position
+        return len(tokens)
+
     def postprocess(
-        self, model_outputs: dict[str, Any], return_full_text: bool = False, return_finish_reason: bool = False
-    ) -> list[dict[str, str]]:
+        self,
+        model_outputs: dict[str, Any],
+        return_full_text: bool = False,
+        return_finish_reason: bool = False,
+        return_usage: bool = False,
+        stop: list[str] | None = None,
+    ) -> list[dict[str, Any]]:
         instruction_text = model_outputs["instruction_text"]
         records = []
         for sequence in model_outputs["new_tokens"][0].tolist():
             decoded, finish_reason = self._decode_response(sequence)
+            cut = min((i for i in (decoded.find(s) for s in stop or []) if i >= 0), default=None)
+            if cut is not None:
+                decoded, finish_reason = decoded[:cut].rstrip(), "stop_string"
             if return_full_text:
                 decoded = f"{instruction_text}\n{decoded}"
-            record = {"generated_text": decoded}
+            record: dict[str, Any] = {"generated_text": decoded}
             if return_finish_reason:
                 record["finish_reason"] = finish_reason
+            if return_usage:
+                record["prompt_tokens"] = int(model_outputs["prompt_tokens"].reshape(-1)[0])
+                record["completion_tokens"] = self._completion_token_count(sequence)
             records.append(record)
         return records

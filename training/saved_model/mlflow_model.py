@@ -1,9 +1,27 @@
-"""The trained model as an MLflow model: a table of ``instruction`` (and optional ``context``) in, responses out.
+"""The trained model as an MLflow model: OpenAI-style chat requests in, chat completions out; and Dolly's table of
+``instruction`` (and optional ``context``) in, responses out.
+
+Why a ``PythonModel`` with a chat signature, not MLflow's ``ChatModel`` or ``ResponsesAgent`` (MLflow 3.17):
+
+- ``ChatModel`` answers one conversation per call (its loader reads the first row of a table and drops the rest),
+  so requests sent together cannot be generated together; its fixed message schema also has no place for Dolly's
+  context, and MLflow deprecated it in 3.0.
+- ``ResponsesAgent`` speaks OpenAI's Responses API, made for agents (tool calls, streamed events), and also takes one
+  conversation per call. Chat servers (vLLM's and TGI's ``/v1/chat/completions``), LangChain's chat models and
+  Databricks' chat endpoints speak chat completions.
+
+So the model takes a chat request per row (``messages``, each ``{"role", "content"}``, a user message optionally with
+Dolly's ``context``), with the request's options (``max_tokens``, ``temperature``, ``top_p``, ``stop``, ``n``) as
+MLflow params. MLflow's scoring server splits an unwrapped OpenAI request (``{"messages": [...], "max_tokens":
+64}``) into exactly that, and answers it with one ``chat.completion`` object (``choices[0].message.content``,
+``finish_reason``, ``usage``); ``{"dataframe_records": [request, ...], "params": {...}}`` answers several requests,
+generated together as one batch (left-padded, one ``generate``), with a list of them. A table with ``instruction``
+(and ``context``) columns instead is Dolly's request and gets a list of response strings, also as one batch.
 
 What a served model needs of the model's folder is logged as an artifact (:func:`served_files`: the weights, the
-config and generation config, the tokenizer, the pipeline code and the model card; never the checkpoints, ``runs/``,
-the lock or the run's other files) and answered by this project's pipeline (which stops at ``### End``), so
-``mlflow.pyfunc.load_model`` and ``mlflow models serve`` give the answers ``generate_response`` gives.
+config and generation config, the tokenizer with its chat template, the pipeline code and the model card; never the
+checkpoints, ``runs/``, the lock or the run's other files). Answers come from this project's pipeline, which stops at
+``### End``, so ``mlflow.pyfunc.load_model``, ``mlflow models serve`` and ``generate_response`` give the same answer.
 """
 
 from __future__ import annotations
@@ -13,32 +31,106 @@ import logging
 import os
 import shutil
 import tempfile
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import pandas as pd
 from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import AnyType, Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
 
 logger = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 MODEL_ARTIFACT = "model_dir"
+CHAT_MESSAGE = Object(
+    [
+        Property("role", "string"),
+        Property("content", "string", required=False),
+        Property("context", "string", required=False),  # Dolly's Input: block, on a user message
+    ]
+)
+DEFAULT_MAX_TOKENS = 256  # the pipeline's own default
 SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("string", "instruction"), ColSpec("string", "context", required=False)]),
-    outputs=Schema([ColSpec("string")]),
+    inputs=Schema(
+        [
+            ColSpec(Array(CHAT_MESSAGE), "messages", required=False),
+            ColSpec("string", "instruction", required=False),
+            ColSpec("string", "context", required=False),
+        ]
+    ),
+    outputs=Schema([ColSpec(AnyType())]),  # a chat.completion per chat request; a string per Dolly row
     params=ParamSchema(
         [
-            ParamSpec("max_new_tokens", "long", 256),
+            # A chat request's options, by OpenAI's names. No temperature: the saved generation config decides
+            # (greedy), as vLLM does with a model's generation_config.json.
+            ParamSpec("max_tokens", "long", None),
+            ParamSpec("temperature", "double", None),
+            ParamSpec("top_p", "double", None),
+            ParamSpec("stop", "string", [], shape=(-1,)),
+            ParamSpec("n", "long", 1),
+            # Dolly's table, by the pipeline's names.
+            ParamSpec("max_new_tokens", "long", DEFAULT_MAX_TOKENS),
             ParamSpec("do_sample", "boolean", False),
         ]
     ),
 )
+FINISH_REASONS = {"end_key": "stop", "eos": "stop", "stop_string": "stop", "length": "length"}
 
 
-class InstructionModel(mlflow.pyfunc.PythonModel):
-    """Answers each row's instruction (with its context, when given) through ``InstructionTextGenerationPipeline``."""
+def chat_generation(params: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline's generation settings for a chat request's options (OpenAI's names and meanings)."""
+    settings: dict[str, Any] = {"max_new_tokens": int(params.get("max_tokens") or DEFAULT_MAX_TOKENS)}
+    temperature, n = params.get("temperature"), int(params.get("n") or 1)
+    if temperature:  # 0 or none: greedy
+        settings.update(do_sample=True, temperature=float(temperature), top_p=float(params.get("top_p") or 1.0))
+        settings["top_k"] = 0  # OpenAI's sampling has no top-k
+    else:
+        if n > 1:
+            raise ValueError("n above 1 needs a temperature above 0: greedy answers are all the same")
+        settings["do_sample"] = False
+    if n > 1:
+        settings["num_return_sequences"] = n
+    if params.get("stop"):
+        settings["stop"] = [text for text in params["stop"] if text]
+    return settings
+
+
+def chat_completion(answers: list[dict[str, Any]], model_name: str) -> dict[str, Any]:
+    """OpenAI's ``chat.completion`` object for one request's answers (one per choice)."""
+    prompt_tokens = answers[0]["prompt_tokens"]
+    completion_tokens = sum(answer["completion_tokens"] for answer in answers)
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model_name,
+        "choices": [
+            {
+                "index": index,
+                "message": {"role": "assistant", "content": answer["generated_text"]},
+                "finish_reason": FINISH_REASONS[answer["finish_reason"]],
+            }
+            for index, answer in enumerate(answers)
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
+def plain_messages(messages: Any) -> list[dict[str, Any]]:
+    """A request's messages as plain dicts, without the keys a row left empty."""
+    return [{key: value for key, value in dict(message).items() if value is not None} for message in messages]
+
+
+class DollyModel(mlflow.pyfunc.PythonModel):
+    """Chat requests (a ``messages`` column) or Dolly's table (``instruction``, ``context``), each call generated as
+    one batch through ``InstructionTextGenerationPipeline``."""
 
     def load_context(self, context: Any) -> None:
         from training.generate import load_model_tokenizer_for_generate
@@ -46,17 +138,40 @@ class InstructionModel(mlflow.pyfunc.PythonModel):
 
         model, tokenizer = load_model_tokenizer_for_generate(context.artifacts[MODEL_ARTIFACT])
         self.pipeline = InstructionTextGenerationPipeline(model=model, tokenizer=tokenizer)
+        self.model_name = (context.model_config or {}).get("model_name", "dolly")
 
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
-        """Every row's answer, the rows generated together (left-padded, one ``generate`` per batch)."""
-        params = {"max_new_tokens": 256, "do_sample": False, **(params or {})}
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> dict[str, Any] | list[Any]:
+        """One ``chat.completion`` for one chat request, a list of them for several; a list of responses for
+        Dolly's table."""
+        params = params or {}
+        rows = model_input.to_dict(orient="records")
+        if "messages" in model_input.columns:
+            return self._chat(rows, params)
+        return self._instructions(rows, params)
+
+    def _chat(self, rows: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any] | list[dict[str, Any]]:
+        requests = [{"messages": plain_messages(row["messages"])} for row in rows]
+        settings = chat_generation(params)
+        results = self.pipeline(
+            requests, batch_size=max(1, len(requests)), return_finish_reason=True, return_usage=True, **settings
+        )
+        completions = [chat_completion(answers, self.model_name) for answers in results]
+        return completions[0] if len(completions) == 1 else completions
+
+    def _instructions(self, rows: list[dict[str, Any]], params: dict[str, Any]) -> list[str]:
         requests = []
-        for row in model_input.to_dict(orient="records"):
+        for row in rows:
             request = {"instruction": row["instruction"]}
             if isinstance(row.get("context"), str) and row["context"]:
                 request["context"] = row["context"]
             requests.append(request)
-        results = self.pipeline(requests, batch_size=max(1, len(requests)), **params)
+        settings = {
+            "max_new_tokens": int(params.get("max_new_tokens") or DEFAULT_MAX_TOKENS),
+            "do_sample": bool(params.get("do_sample", False)),
+        }
+        results = self.pipeline(requests, batch_size=max(1, len(requests)), **settings)
         return [result[0]["generated_text"] for result in results]
 
 
@@ -100,7 +215,8 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 def log_pipeline_model(model_dir: str | Path, *, registered_model_name: str | None = None) -> Any:
     """Log ``model_dir``'s served files (:func:`served_files`) to the active run as an MLflow model named ``model``
-    (and register it, when named).
+    (and register it as a new version of ``registered_model_name``, when named). Returns MLflow's model info
+    (``model_uri``; ``registered_model_version`` when registered).
 
     The model is logged from code (this file), not pickled. No input example is given: MLflow would load the whole
     model to check it, which for a 12B model means minutes and tens of GB on the driver; the signature says the
@@ -116,18 +232,20 @@ def log_pipeline_model(model_dir: str | Path, *, registered_model_name: str | No
             _link_or_copy(path, Path(chosen) / path.name)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*An input example was not provided")
-            info = _log(chosen, registered_model_name, transformers.__version__)
+            info = _log(chosen, model_dir.name, registered_model_name, transformers.__version__)
     logger.info("Logged the model to MLflow: %s", info.model_uri)
     return info
 
 
-def _log(model_dir: str | Path, registered_model_name: str | None, transformers_version: str) -> Any:
+def _log(model_dir: str | Path, model_name: str, registered_model_name: str | None, transformers_version: str) -> Any:
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=__file__,
         artifacts={MODEL_ARTIFACT: str(model_dir)},
         code_paths=[str(PROJECT_ROOT / "training")],
         signature=SIGNATURE,
+        model_config={"model_name": model_name},
+        metadata={"task": "llm/v1/chat"},  # what chat endpoints look for
         pip_requirements=[f"transformers=={transformers_version}", f"torch=={_torch_version()}", "accelerate"],
         registered_model_name=registered_model_name,
     )
@@ -140,4 +258,4 @@ def _torch_version() -> str:
 
 
 # Logged from code: MLflow runs this file to build the model it serves.
-mlflow.models.set_model(InstructionModel())
+mlflow.models.set_model(DollyModel())

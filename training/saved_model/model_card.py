@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 CARD_NAME = "README.md"
 LOSS_PLOT_NAME = "training_loss.png"
 EVALUATION_NAME = "evaluation.json"
+MLFLOW_MODEL_RECORD = "mlflow_model.json"  # the run's MLflow model and its registered version, once logged
 DATA_LICENCE = "cc-by-sa-3.0"  # databricks-dolly-15k's licence
 
 
@@ -125,6 +126,33 @@ def benchmark_table(benchmarks: dict[str, Any], labels: dict[str, str]) -> list[
     return rows
 
 
+def serving_section(logged: dict[str, Any]) -> list[str]:
+    """How to serve the model: the MLflow model (and its registered version) once logged, and chat servers."""
+    lines = []
+    if logged:
+        registered = (
+            f" Registered as **{logged['registered_model']}** version **{logged['version']}** "
+            f"(`models:/{logged['registered_model']}/{logged['version']}`)."
+            if logged.get("registered_model")
+            else ""
+        )
+        lines += [
+            f"The training run logged this model to MLflow as `{logged['model_uri']}` (run `{logged['run_id']}`)."
+            + registered,
+            'It answers OpenAI-style chat requests (`{"messages": [{"role": "user", "content": ...}], '
+            '"max_tokens": 256}`, one `chat.completion` each; several requests in one call are generated as one '
+            "batch) and Dolly's table of `instruction` and `context` (a response string per row): "
+            f"`mlflow models serve -m {logged['model_uri']}`.",
+            "",
+        ]
+    lines += [
+        "The folder is a standard Hugging Face model folder whose tokenizer carries Dolly's prompt format as its chat "
+        "template (`chat_template.jinja` and `tokenizer_config.json`) and whose `generation_config.json` stops at "
+        "`### End`, so chat servers (vLLM, TGI) prompt it as it was trained.",
+    ]
+    return lines
+
+
 def write_model_card(folder: str | Path, published_as: str | Path | None = None) -> Path:
     """Write ``README.md`` (and ``training_loss.png``) into a model folder from the files beside the model.
 
@@ -135,6 +163,7 @@ def write_model_card(folder: str | Path, published_as: str | Path | None = None)
     record = read_json(folder / "run_config.json")
     state = read_json(folder / "trainer_state.json")
     evaluation = read_json(folder / EVALUATION_NAME)
+    logged = read_json(folder / MLFLOW_MODEL_RECORD)
     settings = record.get("settings", {})
     base_model = settings.get("input_model", "unknown")
     dataset = settings.get("training_dataset", DEFAULT_TRAINING_DATASET)
@@ -196,6 +225,10 @@ def write_model_card(folder: str | Path, published_as: str | Path | None = None)
         "`trust_remote_code=True` runs `instruct_pipeline.py` from this folder; without it, "
         "`training.generate.load_model_tokenizer_for_generate` and `generate_response` from the training repository "
         "do the same.",
+        "",
+        "## Serving",
+        "",
+        *serving_section(logged),
         "",
         "## Licence",
         "",
