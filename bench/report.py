@@ -409,9 +409,10 @@ def serving_section(r: dict[str, Any]) -> str:
     return "\n".join(
         [
             f"{r['requests']} chat requests (the first {r['requests']} instructions of `data/dolly_sample.jsonl`, with "
-            f"their context; greedy, at most {r['max_tokens']} new tokens) to the run's MLflow model of "
-            f"{model_label(r['model'])}, loaded with `mlflow.pyfunc.load_model` (what `mlflow models serve` runs); "
-            f"median of {r['repeats']} timings after a warm-up.",
+            f"their context; greedy, at most {r['max_tokens']} new tokens) to the MLflow model a run logs, made of "
+            f"{model_label(r['model'])} saved as a run saves its model (Dolly's tokens, chat template and generation "
+            "config; not trained), loaded with `mlflow.pyfunc.load_model` (what `mlflow models serve` runs); "
+            f"median of {r['repeats']} timings after a warm-up, in one process.",
             "",
             "| | seconds | completion tokens |",
             "|---|---|---|",

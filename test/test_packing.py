@@ -210,6 +210,11 @@ def test_flash_attention_is_chosen_only_where_it_can_run(monkeypatch):
 # ---- the packing self-check (training.rank.packing_check) ----
 
 
+def every_logit(tokenizer) -> DataCollatorForPackedCompletionOnlyLM:
+    """The training collator as the self-check packs with it: logits at every position."""
+    return DataCollatorForPackedCompletionOnlyLM(tokenizer=tokenizer, response_logits_only=False)
+
+
 def leak_between_neighbours(model) -> None:
     """Make every layer mix each token with the one before it (as token-shift and convolution layers do): records
     packed into one row then see each other, whatever the attention does."""
@@ -233,7 +238,7 @@ def test_the_packing_self_check_passes_where_records_stay_apart(tiny_model_dir, 
         model = tiny_llama(len(tokenizer))
     assert packing_collator(model, tokenizer) is not None  # per-record attention on, as in training
     try:
-        result = check_packing(model, tokenizer, check_records(records), "fp32")
+        result = check_packing(model, check_records(records), "fp32", pack=every_logit(tokenizer))
     finally:
         restore_attention(model)
     assert result.passed and result.records == 3 and result.difference < 1e-4, result.describe()
@@ -247,7 +252,7 @@ def test_the_packing_self_check_catches_records_that_see_each_other(tiny_model_d
     leak_between_neighbours(model)
     packing_collator(model, tokenizer)
     try:
-        result = check_packing(model, tokenizer, check_records(records), "fp32")
+        result = check_packing(model, check_records(records), "fp32", pack=every_logit(tokenizer))
     finally:
         restore_attention(model)
     assert not result.passed and result.difference > 100 * result.tolerance * result.scale, result.describe()

@@ -30,13 +30,13 @@ from .rank.distributed import (
     leave_process_group,
     world_size,
 )
-from .rank.dolly_trainer import DollyTrainer, run_training, training_arguments
+from .rank.dolly_trainer import DollyTrainer, run_training
 from .rank.elastic import resume_point
 from .rank.modeling import get_model_tokenizer, load_model, load_tokenizer
 from .rank.op_builds import prepare_op_builds
 from .rank.option_checks import check_max_length
 from .rank.packing import DataCollatorForPackedCompletionOnlyLM
-from .rank.prepare import PreparedRun, parameter_count, prepare, split_dataset
+from .rank.prepare import PreparedRun, parameter_count, prepare, split_dataset, training_arguments
 from .rank.publish import TRAINING_LOG_NAME, publish, save_trained_model
 from .rank.run_lock import run_lock
 from .rank.run_record import RUN_CONFIG_NAME, RunRecorder, read_run_config

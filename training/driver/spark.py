@@ -33,7 +33,7 @@ from ..data import OPTIONAL_FIELDS, REQUIRED_FIELDS, DatasetRecordError, validat
 from ..rank.checkpoints import write_atomically
 from ..rank.saving import is_finished_output
 from ..settings import command_line
-from .launch import TrainingFailedError, failure_summary, stopped_error, wait_stopping_on_interrupt
+from .launch_outcome import TrainingFailedError, failure_summary, stopped_error, wait_stopping_on_interrupt
 from .plan import LaunchPlan
 
 logger = logging.getLogger(__name__)

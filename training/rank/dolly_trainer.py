@@ -8,16 +8,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from transformers import Trainer, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_pt_utils import BatchRebalanceSampler, LengthGroupedSampler
 
 from ..preprocess import length_column
-from ..settings import TrainSettings
 from .checkpoints import CheckpointCompletion
-from .deepspeed_config import deepspeed_config_for
-from .distributed import accelerator_config_for, is_main_process
+from .distributed import is_main_process
 from .eval_answers import EvalAnswers, log_answers, sample_prompts
 from .packing import Batching, DataCollatorForPackedCompletionOnlyLM, packed_batches, unwrap
 from .packing_check import check_records
@@ -29,50 +26,6 @@ if TYPE_CHECKING:
     from .prepare import PreparedRun
 
 logger = logging.getLogger(__name__)
-
-
-def training_arguments(settings: TrainSettings, precision: str, *, load_universal: bool = False) -> TrainingArguments:
-    """The Hugging Face ``TrainingArguments`` for a run's settings, in the precision chosen for this machine.
-
-    Built once per run, before the model is loaded (under ZeRO-3 they start the process group and the DeepSpeed
-    config that loading the model straight into partitions needs), and never changed: nothing in them depends on
-    the model or on the batching chosen for it. ``load_universal``: the run resumes from DeepSpeed's universal
-    checkpoint (on another number of ranks, see training/rank/elastic.py).
-    """
-    gradient_checkpointing = settings.gradient_checkpointing
-    return TrainingArguments(
-        output_dir=settings.local_output_dir,
-        per_device_train_batch_size=settings.per_device_train_batch_size,
-        per_device_eval_batch_size=settings.per_device_eval_batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        fp16=precision == "fp16",
-        bf16=precision == "bf16",
-        learning_rate=settings.lr,
-        num_train_epochs=settings.epochs,
-        max_steps=settings.max_steps,
-        deepspeed=deepspeed_config_for(settings.deepspeed, lora=settings.lora_r > 0, load_universal=load_universal),
-        accelerator_config=accelerator_config_for(settings.deepspeed),
-        activation_checkpointing=gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
-        logging_strategy="steps",
-        logging_steps=settings.logging_steps,
-        eval_strategy="steps" if settings.test_size else "no",
-        eval_steps=settings.eval_steps,
-        save_strategy="steps",
-        save_steps=settings.save_steps,
-        save_total_limit=None,  # rotation counts complete checkpoints only: see CheckpointCompletion
-        load_best_model_at_end=False,
-        report_to=[
-            name for name, wanted in (("tensorboard", settings.tensorboard), ("mlflow", settings.mlflow)) if wanted
-        ]
-        or "none",
-        include_num_input_tokens_seen="non_padding",
-        remove_unused_columns=False,
-        prediction_loss_only=True,
-        warmup_steps=settings.warmup_steps or 0,
-        seed=settings.seed,
-        dataloader_pin_memory=torch.cuda.is_available(),  # pinned memory only helps copies to a GPU
-    )
 
 
 class DollyTrainer(Trainer):

@@ -43,6 +43,7 @@ from ..preprocess import IGNORE_INDEX
 from ..settings import SettingsError
 from .collators import DataCollatorForCompletionOnlyLM, labels_for
 from .distributed import every_rank, is_main_process
+from .packing_check import check_packing
 
 logger = logging.getLogger(__name__)
 
@@ -239,9 +240,8 @@ def choose_collator(
         return None
     if not check_with:
         return collator
-    from .packing_check import check_packing
-
-    result = check_packing(model, tokenizer, check_with, precision)
+    every_logit = DataCollatorForPackedCompletionOnlyLM(tokenizer=tokenizer, response_logits_only=False)
+    result = check_packing(model, check_with, precision, pack=every_logit)
     # One verdict for the run: ranks that batched differently would no longer run matching collectives.
     passed_everywhere = every_rank(result.passed, next(model.parameters()).device)
     if passed_everywhere:

@@ -14,12 +14,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 logger = logging.getLogger(__name__)
@@ -92,14 +92,17 @@ def check_records(train_dataset) -> list[dict[str, Any]]:
 
 @torch.no_grad()
 def check_packing(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[dict[str, Any]], precision: str
+    model: PreTrainedModel,
+    records: list[dict[str, Any]],
+    precision: str,
+    *,
+    pack: Callable[[list[dict[str, Any]]], dict[str, Any]],
 ) -> PackingCheck:
-    """Run ``records`` through ``model`` packed (as the training collator packs them) and alone, and compare."""
-    from .packing import DataCollatorForPackedCompletionOnlyLM
-
+    """Run ``records`` through ``model`` packed by ``pack`` (the training collator, asked for every position's
+    logits) and alone, and compare."""
     started = time.perf_counter()
     device = next(model.parameters()).device
-    packed = DataCollatorForPackedCompletionOnlyLM(tokenizer=tokenizer, response_logits_only=False)(records)
+    packed = pack(records)
     inputs = {
         key: value.to(device) if isinstance(value, torch.Tensor) else value
         for key, value in packed.items()

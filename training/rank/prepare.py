@@ -6,14 +6,15 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments, set_seed
 
 from ..prepared_data import split_held_out
 from ..settings import TrainSettings
+from .deepspeed_config import deepspeed_config_for
 from .disk_check import check_disk_for
-from .distributed import forget_shared_memory_segment, world_size
-from .dolly_trainer import training_arguments
+from .distributed import accelerator_config_for, forget_shared_memory_segment, world_size
 from .elastic import ResumePoint, make_loadable
 from .lora import LoraSettings, apply_lora
 from .modeling import choose_precision, get_model_tokenizer, training_attention
@@ -54,6 +55,50 @@ class PreparedRun:
             model=self.model_facts,
             data=self.data_facts,
         )
+
+
+def training_arguments(settings: TrainSettings, precision: str, *, load_universal: bool = False) -> TrainingArguments:
+    """The Hugging Face ``TrainingArguments`` for a run's settings, in the precision chosen for this machine.
+
+    Built once per run, before the model is loaded (under ZeRO-3 they start the process group and the DeepSpeed
+    config that loading the model straight into partitions needs), and never changed: nothing in them depends on
+    the model or on the batching chosen for it. ``load_universal``: the run resumes from DeepSpeed's universal
+    checkpoint (on another number of ranks, see training/rank/elastic.py).
+    """
+    gradient_checkpointing = settings.gradient_checkpointing
+    return TrainingArguments(
+        output_dir=settings.local_output_dir,
+        per_device_train_batch_size=settings.per_device_train_batch_size,
+        per_device_eval_batch_size=settings.per_device_eval_batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        fp16=precision == "fp16",
+        bf16=precision == "bf16",
+        learning_rate=settings.lr,
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        deepspeed=deepspeed_config_for(settings.deepspeed, lora=settings.lora_r > 0, load_universal=load_universal),
+        accelerator_config=accelerator_config_for(settings.deepspeed),
+        activation_checkpointing=gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        logging_strategy="steps",
+        logging_steps=settings.logging_steps,
+        eval_strategy="steps" if settings.test_size else "no",
+        eval_steps=settings.eval_steps,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=None,  # rotation counts complete checkpoints only: see CheckpointCompletion
+        load_best_model_at_end=False,
+        report_to=[
+            name for name, wanted in (("tensorboard", settings.tensorboard), ("mlflow", settings.mlflow)) if wanted
+        ]
+        or "none",
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        prediction_loss_only=True,
+        warmup_steps=settings.warmup_steps or 0,
+        seed=settings.seed,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinned memory only helps copies to a GPU
+    )
 
 
 def split_dataset(dataset: Dataset, test_size: float | int, seed: int) -> tuple[Dataset, Dataset | None]:
