@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -78,10 +79,14 @@ def run_on_kind(answer: dict) -> str | None:
     text = answer["text"]
     if "### Instruction" in text or "Instruction:" in text:
         return "new instruction"
-    tail = re.sub(r"\d+", "#", " ".join(text.split()))[-240:]
+    flat = re.sub(r"\d+", "#", " ".join(text.split()))
+    tail = flat[-240:]
     for period in range(2, len(tail) // 3 + 1):
         if tail[-period:] == tail[-2 * period : -period] == tail[-3 * period : -2 * period]:
             return "repeats"
+    sentences = [part.strip() for part in re.split(r"(?<=[.!?\n])\s", flat) if len(part.split()) >= 4]
+    if any(sentences.count(sentence) >= 3 for sentence in set(sentences)):
+        return "repeats"  # the same sentence three times or more, the answer cut off inside the next
     return "long"
 
 
@@ -151,6 +156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also answer the stop records (at 256 new tokens) with these generate settings, ';'-separated, "
         "e.g. 'repetition_penalty=1.1;repetition_penalty=1.2'",
     )
+    parser.add_argument("--keep-model", type=Path, default=None, help="also save the tuned model here, to study")
     parser.add_argument("--quick", action="store_true", help="a few records and steps: a smoke check, not a result")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "quality.json")
     options = parser.parse_args(argv)
@@ -207,6 +213,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             mlflow=False,  # a benchmark, not a run to track
         )
         log_history = json.loads((output_dir / TRAINING_LOG_NAME).read_text())["log_history"]
+        if options.keep_model:
+            shutil.copytree(output_dir, options.keep_model, ignore=shutil.ignore_patterns("checkpoint-*", "runs"))
         steps = max(entry["step"] for entry in log_history)
         tuned_model, tuned_tokenizer = load_model_tokenizer_for_generate(
             str(output_dir), dtype=torch.float32, device_map=options.device

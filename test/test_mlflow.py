@@ -105,6 +105,9 @@ def test_every_evaluation_logs_sample_answers_and_their_stop_rate(tracked_run):
     events = EventAccumulator(str(next((tracked_run["out"] / "runs").iterdir())), size_guidance={"tensors": 0})
     events.Reload()
     assert [event.step for event in events.Tensors("eval_answers/text_summary")] == [2, 4]
+    # The model card says it too, with the cap.
+    card = (tracked_run["out"] / "README.md").read_text()
+    assert "| answers that stop at `### End`, last evaluation | " in card and "at most 8 new tokens" in card
     if (table["outcome"] == "ran on").any() and not table["stopped"].any():
         assert "No sample answer stopped at ### End in 2 evaluations" in tracked_run["log"]
 

@@ -153,6 +153,19 @@ def serving_section(logged: dict[str, Any]) -> list[str]:
     return lines
 
 
+def stop_rate_row(log_history: list[dict[str, Any]], answers: int | None, cap: int | None) -> str:
+    """The last evaluation's stop rate: the share of its held-out sample answers that ended at ``### End``."""
+    rates = [(entry["step"], entry["eval_stop_rate"]) for entry in log_history if "eval_stop_rate" in entry]
+    if not rates:
+        return "| answers that stop at `### End`, last evaluation | - |"
+    step, rate = rates[-1]
+    shown = "none could stop within the cap" if rate != rate else f"{rate:.0%}"  # NaN: every reference was longer
+    return (
+        f"| answers that stop at `### End`, last evaluation | {shown} (step {step}; {answers} held-out instructions, "
+        f"greedy, at most {cap} new tokens; answers whose reference is longer than that are not counted) |"
+    )
+
+
 def write_model_card(folder: str | Path, published_as: str | Path | None = None) -> Path:
     """Write ``README.md`` (and ``training_loss.png``) into a model folder from the files beside the model.
 
@@ -201,6 +214,7 @@ def write_model_card(folder: str | Path, published_as: str | Path | None = None)
         f"{', DeepSpeed ' + Path(settings['deepspeed']).name if settings.get('deepspeed') else ''} |",
         f"| final training loss | {losses[-1]:.3f} |" if losses else "| final training loss | - |",
         f"| final eval loss | {eval_losses[-1]:.3f} |" if eval_losses else "| final eval loss | - |",
+        stop_rate_row(state.get("log_history", []), settings.get("eval_answers"), settings.get("eval_answer_tokens")),
         "",
     ]
     if has_plot:
