@@ -7,6 +7,7 @@ import os
 import platform
 import random
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -108,7 +109,7 @@ def machine() -> str:
 def result_header(module: str, argv: list[str] | None, **fields: Any) -> dict[str, Any]:
     """What every result file starts with: the command that made it, the machine it ran on, then ``fields``."""
     args = [arg for arg in (argv if argv is not None else sys.argv[1:]) if arg != "--"]
-    return {"command": " ".join(["python -m", module, *args]), "machine": machine(), **fields}
+    return {"command": "python -m " + shlex.join([module, *args]), "machine": machine(), **fields}
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

@@ -4,10 +4,14 @@
 
 A fixed, seeded set of real dolly records is held out. On it, the untuned and the tuned model are measured:
 - response-only loss per token (the training masking and tokenization), overall and per category;
-- stop rate: the share of greedy generations (at most 128 new tokens) through our pipeline that end with
-  ``### End``. The untuned model is run with its own tokenizer, where ``### End`` is ordinary text found by the
-  pipeline's text fallback; the tuned model with the trained tokenizer, where it is the special token;
-- a few generations side by side.
+- stop rate: the share of greedy generations (at most 128 new tokens, and 256) through our pipeline, with its
+  default decoding (the answer repetition penalty), that end with ``### End``. The untuned model is run with its own
+  tokenizer, where ``### End`` is ordinary text found by the pipeline's text fallback; the tuned model with the
+  trained tokenizer, where it is the special token;
+- a few generations side by side;
+- the answers that did not stop within 256 tokens, and why (:func:`run_on_kind`); other decodings on request
+  (``--generation-variants``, e.g. ``answer_repetition_penalty=1.0`` for Dolly's);
+- what the training records teach about ending (:func:`what_records_teach`).
 Writes bench/results/quality.json and a loss-curve PNG next to it.
 """
 
@@ -20,6 +24,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +43,13 @@ from bench.common import (
     write_json,
 )
 from bench.throughput import resolve_model
-from training.consts import RESPONSE_KEY_NL
+from training.consts import END_KEY, RESPONSE_KEY_NL
 from training.generate import InstructionTextGenerationPipeline, load_model_tokenizer_for_generate
 from training.logs import configure_logging
+from training.preprocess import IGNORE_INDEX
 from training.prompts import format_training_text
 from training.rank.modeling import get_model_tokenizer, load_tokenizer
+from training.saved_model.instruct_pipeline import ANSWER_REPETITION_PENALTY
 from training.trainer import TRAINING_LOG_NAME, train
 
 logger = logging.getLogger(__name__)
@@ -118,6 +125,33 @@ def run_on_answers(records: list[dict], answers: list[dict]) -> list[dict]:
     ]
 
 
+def what_records_teach(records: list[dict], tokenizer, max_length: int) -> dict[str, Any]:
+    """What the training records teach about ending: the records ``max_length`` drops (by category, with their
+    response lengths), whether every kept record's labels end with ``### End`` (and never hold EOS), and the share of
+    the loss the end key gets (per-token normalisation weighs every response token the same, packed or not)."""
+    end_id = tokenizer.convert_tokens_to_ids(END_KEY)
+    all_tokenized = tokenize_records(records, tokenizer, max_length=1 << 30)
+    kept, dropped = [], []
+    for record, tokenized in zip(records, all_tokenized):
+        response = [label for label in tokenized["labels"] if label != IGNORE_INDEX]
+        (kept if len(tokenized["input_ids"]) <= max_length else dropped).append((record, response))
+    response_tokens = sum(len(response) for _, response in kept)
+    end_labels = sum(response.count(end_id) for _, response in kept)
+    lengths = sorted(len(response) for _, response in kept)
+    return {
+        "max_length": max_length,
+        "records": len(records),
+        "dropped": len(dropped),
+        "dropped_by_category": dict(Counter(r.get("category") or "unknown" for r, _ in dropped)),
+        "dropped_response_tokens": sorted(len(response) for _, response in dropped),
+        "kept_labels_end_with_end_key": sum(bool(response) and response[-1] == end_id for _, response in kept),
+        "kept_labels_with_eos": sum(tokenizer.eos_token_id in response for _, response in kept),
+        "end_key_loss_share": end_labels / response_tokens,
+        "median_response_tokens": lengths[len(lengths) // 2],
+        "longest_kept_response_tokens": lengths[-1],
+    }
+
+
 def parse_variants(text: str) -> dict[str, dict[str, Any]]:
     """``'repetition_penalty=1.1;...'`` as {name: generate settings}; each value read as JSON (a number, true...)."""
     variants = {}
@@ -157,6 +191,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "e.g. 'repetition_penalty=1.1;repetition_penalty=1.2'",
     )
     parser.add_argument("--keep-model", type=Path, default=None, help="also save the tuned model here, to study")
+    parser.add_argument(
+        "--tuned-model",
+        type=Path,
+        default=None,
+        help="measure this model (one --keep-model saved, trained with the same options) instead of training one: "
+        "to study decodings without training again",
+    )
     parser.add_argument("--quick", action="store_true", help="a few records and steps: a smoke check, not a result")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "quality.json")
     options = parser.parse_args(argv)
@@ -164,6 +205,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         options.eval_records, options.stop_records, options.train_records = 8, 4, 24
         options.max_steps, options.max_new_tokens, options.side_by_side, options.warmup_steps = 3, 16, 2, 0
     return options
+
+
+def fine_tune(options: argparse.Namespace, model_dir: str, train_records: list[dict], scratch: Path) -> Path:
+    """The benchmark's recipe: fine-tune ``model_dir`` on ``train_records``; the finished model's folder."""
+    data_file = scratch / "train.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in train_records))
+    output_dir = train(
+        input_model=model_dir,
+        local_output_dir=str(scratch / "model"),
+        training_dataset=str(data_file),
+        epochs=options.epochs,
+        max_steps=options.max_steps,
+        per_device_train_batch_size=options.batch_size,
+        test_size=0,
+        lr=options.lr,
+        warmup_steps=options.warmup_steps,
+        max_length=options.max_length,
+        save_steps=100_000,
+        logging_steps=5 if not options.quick else 1,
+        seed=options.seed,
+        gradient_checkpointing=False,
+        bf16=options.bf16,
+        mlflow=False,  # a benchmark, not a run to track
+    )
+    if options.keep_model:
+        shutil.copytree(output_dir, options.keep_model, ignore=shutil.ignore_patterns("checkpoint-*", "runs"))
+    return output_dir
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -192,29 +260,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     del base_model, plain_model
 
     with tempfile.TemporaryDirectory() as scratch:
-        data_file = Path(scratch) / "train.jsonl"
-        data_file.write_text("".join(json.dumps(r) + "\n" for r in train_records))
-        output_dir = train(
-            input_model=model_dir,
-            local_output_dir=str(Path(scratch) / "model"),
-            training_dataset=str(data_file),
-            epochs=options.epochs,
-            max_steps=options.max_steps,
-            per_device_train_batch_size=options.batch_size,
-            test_size=0,
-            lr=options.lr,
-            warmup_steps=options.warmup_steps,
-            max_length=options.max_length,
-            save_steps=100_000,
-            logging_steps=5 if not options.quick else 1,
-            seed=options.seed,
-            gradient_checkpointing=False,
-            bf16=options.bf16,
-            mlflow=False,  # a benchmark, not a run to track
-        )
+        output_dir = options.tuned_model or fine_tune(options, model_dir, train_records, Path(scratch))
         log_history = json.loads((output_dir / TRAINING_LOG_NAME).read_text())["log_history"]
-        if options.keep_model:
-            shutil.copytree(output_dir, options.keep_model, ignore=shutil.ignore_patterns("checkpoint-*", "runs"))
         steps = max(entry["step"] for entry in log_history)
         tuned_model, tuned_tokenizer = load_model_tokenizer_for_generate(
             str(output_dir), dtype=torch.float32, device_map=options.device
@@ -237,9 +284,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": options.input_model,
         "training_dataset": Path(options.training_dataset).name,
         "quick": options.quick,
+        "tuned_model": str(options.tuned_model) if options.tuned_model else None,  # None: trained by this run
         "train_records": len(train_records),
         "eval_records": len(eval_tok),
         "stop_records": len(stop_records),
+        "answer_repetition_penalty": ANSWER_REPETITION_PENALTY,
+        "training_records_teach": what_records_teach(train_records, trained_tokenizer, options.max_length),
         "steps": steps,
         "lr": options.lr,
         "batch_size": options.batch_size,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ def quality_section(r: dict[str, Any]) -> str:
             f"Of the held-out human answers, {100 * r['reference_fits_rate']:.0f}% fit in 128 tokens themselves; "
             "the answers that did not stop are listed in the result file (`stop_details_after`).",
         ]
+    lines += stop_sections(r)
     lines += [
         "",
         "| category | loss before | loss after |",
@@ -90,6 +92,66 @@ def quality_section(r: dict[str, Any]) -> str:
                 "`bench/results/quality_eos_init_1epoch.json`); the table above trains two epochs."
             )
     return "\n".join(lines)
+
+
+def stop_sections(r: dict[str, Any]) -> list[str]:
+    """The stop rate by decoding, the answers that still ran on, and what the training records teach about ending."""
+    lines: list[str] = []
+    penalty = r.get("answer_repetition_penalty")
+    if r.get("generation_variants"):
+        lines += [
+            "",
+            "Stop rate within 256 new tokens by decoding (greedy, the same tuned model):",
+            "",
+            "| decoding | stop rate | answers that ran on |",
+            "|---|---|---|",
+            f"| the pipeline's default (`answer_repetition_penalty={penalty}`) | "
+            f"{share(r['stop_rate_after_256_tokens'], r['stop_records'])} | {run_on_kinds(r['run_on_after_256_tokens'])} |",
+        ]
+        variants = dict(r["generation_variants"])
+        sweep = RESULTS_DIR / "quality_penalty_sweep.json"
+        if sweep.exists():  # the same recipe's model, measured with other penalties (--tuned-model)
+            variants.update(json.loads(sweep.read_text())["generation_variants"])
+        lines += [
+            f"| `{name}` | {share(v['stop_rate_256_tokens'], r['stop_records'])} | {run_on_kinds(v['run_on'])} |"
+            for name, v in sorted(variants.items())
+        ]
+        if sweep.exists():
+            command = json.loads(sweep.read_text())["command"]
+            lines += [
+                "",
+                f"The rows not in the command below come from `{command}` (`{sweep.name}`): the model there was "
+                "trained by the same recipe and saved with `--keep-model`.",
+            ]
+    run_on = r.get("run_on_after_256_tokens")
+    if run_on is not None:
+        lines += ["", f"Answers that did not stop within 256 new tokens (default decoding): {len(run_on)}."]
+        lines += [f"- {a['kind']}: **{a['instruction']}** {shorten(a['answer'], 160)}" for a in run_on]
+    taught = r.get("training_records_teach")
+    if taught:
+        dropped = ", ".join(f"{n} {c}" for c, n in sorted(taught["dropped_by_category"].items()))
+        lines += [
+            "",
+            f"What the {taught['records']} training records teach about ending: {taught['dropped']} are longer than "
+            f"--max-length {taught['max_length']} and dropped ({dropped}; their responses "
+            f"{', '.join(map(str, taught['dropped_response_tokens']))} tokens: long contexts more than long answers). "
+            f"All {taught['kept_labels_end_with_end_key']} kept records' labels end with `### End` "
+            f"({taught['kept_labels_with_eos']} hold EOS); the longest kept response is "
+            f"{taught['longest_kept_response_tokens']} tokens and ends there too. `### End` is "
+            f"{100 * taught['end_key_loss_share']:.1f}% of the response tokens, each weighed like any other (median "
+            f"response {taught['median_response_tokens']} tokens).",
+        ]
+    return lines
+
+
+def share(rate: float, total: int) -> str:
+    return f"{rate:.2f} ({round(rate * total)} of {total})"
+
+
+def run_on_kinds(run_on: list[dict]) -> str:
+    """How many answers ran on, by kind: ``3 repeats, 1 long`` (or ``none``)."""
+    kinds = Counter(answer["kind"] for answer in run_on)
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())) or "none"
 
 
 def shorten(text: str, limit: int = 220) -> str:

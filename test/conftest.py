@@ -102,7 +102,7 @@ def zero3_run(tiny_model_dir, tmp_path_factory) -> SimpleNamespace:
         "MLFLOW_EXPERIMENT_NAME": experiment,
     }
     out = folder / "out"
-    args = zero3_run_args(tiny_model_dir, SAMPLE_DATA, out)
+    args = zero3_run_args(tiny_model_dir, SAMPLE_DATA, out, mlflow=True)  # test_mlflow reads its run
     port = free_port()
     result = run_trainer(args, ranks=2, launcher="deepspeed", master_port=port, env=env, shared_run=True)
     assert_ok(result)

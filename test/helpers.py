@@ -109,9 +109,10 @@ def assert_ok(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
 
 
-def quick_training_args(model_dir: Path, data: Path, output_dir: Path, *extra: str) -> list[str]:
+def quick_training_args(model_dir: Path, data: Path, output_dir: Path, *extra: str, mlflow: bool = False) -> list[str]:
     """A few steps of training with frequent checkpoints, for tests (short sample answers: a tiny model under ZeRO-3
-    takes about a second per 16 new tokens)."""
+    takes about a second per 16 new tokens). MLflow only where the test reads it (``mlflow=True``): tracking and
+    logging the model cost rank 0, and so every rank, a few seconds per run."""
     options = {
         "--input-model": model_dir,
         "--training-dataset": data,
@@ -127,16 +128,17 @@ def quick_training_args(model_dir: Path, data: Path, output_dir: Path, *extra: s
         "--warmup-steps": 0,
         "--eval-answer-tokens": 8,
     }
-    return [str(part) for option in options.items() for part in option] + list(extra)
+    tracking = [] if mlflow else ["--no-mlflow"]
+    return [str(part) for option in options.items() for part in option] + tracking + list(extra)
 
 
 CPU_ZERO3_CONFIG = PROJECT_ROOT / "config" / "cpu_config.json"
 
 
-def zero3_run_args(model_dir: Path, data: Path, output_dir: Path, *extra: str) -> list[str]:
+def zero3_run_args(model_dir: Path, data: Path, output_dir: Path, *extra: str, mlflow: bool = False) -> list[str]:
     """The arguments of the shared 2-rank ZeRO-3 run (conftest's ``zero3_run``), writing to ``output_dir``."""
     return quick_training_args(
-        model_dir, data, output_dir, "--deepspeed", str(CPU_ZERO3_CONFIG), "--seed", "11", *extra
+        model_dir, data, output_dir, "--deepspeed", str(CPU_ZERO3_CONFIG), "--seed", "11", *extra, mlflow=mlflow
     )
 
 

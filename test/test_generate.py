@@ -266,3 +266,90 @@ def test_a_run_whose_answers_never_stopped_ends_with_a_warning(tiny_model_dir, c
     with caplog.at_level(logging.WARNING):
         answers.warn_if_never_stopped()
     assert "No sample answer stopped at ### End in 2 evaluations" in caplog.text and "--lr" in caplog.text
+
+
+# ---- answers that loop (issue 30): the answer repetition penalty ----
+
+
+def scripted_next_tokens(model, table: dict[int, dict[int, float]]) -> None:
+    """Make ``model`` a bigram model: its next-token scores depend only on the last token (``table[last]``, every
+    other token far below). Generation still runs through the model's own ``generate`` and the pipeline."""
+    vocab = model.get_output_embeddings().out_features
+
+    def replace_logits(module, args, kwargs, output):
+        last = kwargs["input_ids"][:, -1].tolist()
+        scores = torch.full((len(last), vocab), -20.0)
+        for row, token in enumerate(last):
+            for follower, score in table.get(token, {}).items():
+                scores[row, follower] = score
+        output.logits = output.logits.clone()
+        output.logits[:, -1, :] = scores
+        return output
+
+    model.register_forward_hook(replace_logits, with_kwargs=True)
+
+
+def test_an_answer_that_loops_ends_at_the_end_key_with_the_default_penalty(tiny_model_dir):
+    """The cause found in issue 30: greedy answers of a small tuned model loop until the cap, though ``### End`` is
+    the runner-up after each line break. Here a scripted model loops "word, line break, word, ...": the pipeline's
+    default penalty (over the answer's tokens, never the line break or the end key) ends it; without a penalty it runs
+    to the cap; and Transformers' repetition_penalty, which counts the prompt's line breaks too, turns it away from
+    the line break into another loop."""
+    from training.saved_model.instruct_pipeline import ANSWER_REPETITION_PENALTY
+
+    model, tokenizer = get_model_tokenizer(str(tiny_model_dir))
+    end = get_special_token_id(tokenizer, END_KEY)
+    response_key = tokenizer.convert_tokens_to_ids("### Response:\n")
+    (newline,) = tokenizer.encode("\n", add_special_tokens=False)
+    word, other = (
+        tokenizer.encode(" yes", add_special_tokens=False)[0],
+        tokenizer.encode(" no", add_special_tokens=False)[0],
+    )
+    assert ANSWER_REPETITION_PENALTY > 1.0 and 2.0 / ANSWER_REPETITION_PENALTY < 1.9
+    scripted_next_tokens(
+        model,
+        {
+            response_key: {word: 5.0},
+            word: {newline: 2.0, other: 1.9},  # the line break, narrowly
+            newline: {word: 2.0, end: 1.9},  # the loop, narrowly before the end
+            other: {other: 5.0},
+        },
+    )
+    generator = InstructionTextGenerationPipeline(model=model, tokenizer=tokenizer)
+    prompt = "Say yes."
+    assert newline in tokenizer(generator.preprocess(prompt)["prompt_text"])["input_ids"]  # the prompt has line breaks
+    ask = {"max_new_tokens": 12, "do_sample": False, "return_finish_reason": True}
+
+    said, other_said = tokenizer.decode([word]).strip(), tokenizer.decode([other]).strip()
+
+    assert generator(prompt, **ask) == [{"generated_text": said, "finish_reason": "end_key"}]
+    looped = generator(prompt, answer_repetition_penalty=1.0, **ask)[0]
+    assert looped["finish_reason"] == "length" and looped["generated_text"].split() == [said] * 6
+    counted_with_prompt = generator(prompt, answer_repetition_penalty=1.0, repetition_penalty=1.1, **ask)[0]
+    assert counted_with_prompt["finish_reason"] == "length"
+    assert counted_with_prompt["generated_text"].split() == [said] + [other_said] * 11
+
+
+def test_the_answer_penalty_counts_the_answer_only_and_never_the_tokens_that_end_it(tiny_model_dir):
+    from training.saved_model.instruct_pipeline import AnswerRepetitionPenalty
+
+    _, tokenizer = get_model_tokenizer(str(tiny_model_dir))
+    penalty = AnswerRepetitionPenalty.for_tokenizer(tokenizer, prompt_width=3, penalty=2.0)
+    end = get_special_token_id(tokenizer, END_KEY)
+    (newline,) = tokenizer.encode("\n", add_special_tokens=False)
+    exempt = {end, tokenizer.eos_token_id, tokenizer.pad_token_id, newline}
+    assert exempt <= set(penalty.exempt_ids.tolist())
+    vocab = len(tokenizer)
+    scores = torch.linspace(-3.0, 3.0, vocab).repeat(2, 1)
+    scores[:, [10, 11, 12, newline, end]] = torch.tensor([4.0, -4.0, 6.0, 2.0, 1.0])
+    # Row 0: token 12 only in the prompt; the answer holds 10, 11, the line break and the end key.
+    # Row 1: nothing generated yet beyond the prompt's width is counted.
+    input_ids = torch.tensor([[12, 12, 12, 10, 11, newline, end], [10, 11, 12, 12, 12, 12, 12]])
+    out = penalty(input_ids, scores.clone())
+    assert out[0, 10] == 2.0 and out[0, 11] == -8.0  # positive scores divided, negative multiplied
+    assert out[0, 12] == 6.0 and out[0, newline] == 2.0 and out[0, end] == 1.0
+    assert out[1, 12] == 3.0 and out[1, 10] == 4.0  # row 1's answer is only 12s
+    untouched = torch.ones(vocab, dtype=torch.bool)
+    untouched[[10, 11, 12]] = False
+    assert torch.equal(out[:, untouched], scores[:, untouched])
+    assert torch.equal(penalty(input_ids[:, :3], scores.clone()), scores)  # no answer yet: unchanged

@@ -183,10 +183,14 @@ def test_a_resumed_training_is_a_new_run_tagged_with_the_one_it_continues(
     uri = local_mlflow_store(tmp_path / "store", EXPERIMENT)
     track_to(monkeypatch, uri, EXPERIMENT)
     out = tmp_path / "out"
-    assert_finished(invoke_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--max-steps", "2")))
+    assert_finished(
+        invoke_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--max-steps", "2", mlflow=True))
+    )
     first_id = json.loads((out / "run_config.json").read_text())["resolved"]["mlflow_run_id"]
     assert_finished(
-        invoke_trainer(quick_training_args(tiny_model_dir, sample_path, out, "--max-steps", "4", "--resume"))
+        invoke_trainer(
+            quick_training_args(tiny_model_dir, sample_path, out, "--max-steps", "4", "--resume", mlflow=True)
+        )
     )
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id], order_by=["start_time ASC"])

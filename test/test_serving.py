@@ -37,7 +37,9 @@ def registered(tiny_model_dir, sample_path, tmp_path_factory) -> SimpleNamespace
         patch.setenv("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
         for name in ("first", "second"):
             out = folder / name
-            args = quick_training_args(tiny_model_dir, sample_path, out, "--max-steps", "1", "--test-size", "0")
+            args = quick_training_args(
+                tiny_model_dir, sample_path, out, "--max-steps", "1", "--test-size", "0", mlflow=True
+            )
             assert_finished(invoke_trainer([*args, "--register-model", REGISTERED]))
             outs.append(out)
     return SimpleNamespace(uri=uri, outs=outs, folder=folder)
@@ -170,7 +172,7 @@ def test_a_name_unity_catalog_would_refuse_is_refused_before_training(
 ):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", local_mlflow_store(tmp_path / "store", EXPERIMENT))
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", "databricks-uc")  # Databricks' default registry
-    args = quick_training_args(tiny_model_dir, sample_path, tmp_path / "out", "--max-steps", "1")
+    args = quick_training_args(tiny_model_dir, sample_path, tmp_path / "out", "--max-steps", "1", mlflow=True)
     run = invoke_trainer([*args, "--register-model", "dolly"])
     assert run.exit_code != 0
     assert "Unity Catalog (databricks-uc), which needs a three-part name, catalog.schema.model" in run.log
@@ -189,6 +191,11 @@ def test_chat_options_map_to_generation_and_answers_to_openais_shape():
         "top_k": 0,
         "num_return_sequences": 2,
         "stop": ["\n\n"],
+    }
+    assert chat_generation({"answer_repetition_penalty": 1}) == {
+        "max_new_tokens": 256,
+        "do_sample": False,
+        "answer_repetition_penalty": 1.0,
     }
     with pytest.raises(ValueError, match="n above 1 needs a temperature above 0"):
         chat_generation({"n": 3})

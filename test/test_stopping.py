@@ -72,9 +72,7 @@ def run_stopped_then_resume(args: list[str], out: Path, zero3_run) -> None:
 
 
 @pytest.mark.launch
-def test_sigterm_to_the_deepspeed_launcher_stops_every_rank_after_its_step(
-    tiny_model_dir, sample_path, tmp_path, zero3_run
-):
+def test_sigterm_to_the_deepspeed_launcher_stops_every_rank_after_its_step(tiny_model_dir, sample_path, tmp_path):
     out = tmp_path / "out"
     args = zero3_run_args(tiny_model_dir, sample_path, out)
     log = tmp_path / "stopped.log"
@@ -104,8 +102,7 @@ def test_sigterm_to_the_deepspeed_launcher_stops_every_rank_after_its_step(
     )
     text = log.read_text()
     assert "the launcher that started this rank exited" in text
-    assert_stopped_with_a_checkpoint(out, text)
-    run_stopped_then_resume(args, out, zero3_run)
+    assert_stopped_with_a_checkpoint(out, text)  # (resuming a stopped run: the notebook-cell test below)
 
 
 @pytest.mark.launch

@@ -1,13 +1,14 @@
 """Answers and stop rate at every evaluation: is the model learning to answer, and to stop?
 
-At each evaluation the run answers a few fixed held-out instructions greedily and logs, beside ``eval_loss``,
-``eval_stop_rate`` and the answers themselves: a table in MLflow (step, instruction, reference, answer, stopped,
-outcome) and text in TensorBoard. Each answer's outcome is ``stopped`` (it ended with ``### End``), ``token cap``
-(it reached ``--eval-answer-tokens`` where the reference answer is longer than that: a right answer would too) or
-``ran on`` (it did not stop where the reference had ended, or ended at EOS without ``### End``). The stop rate is
-the share stopped among the answers that could have stopped within the cap (NaN when every answer reached it). A model that never learns to stop is a
-classic silent failure; a run whose answers ran on and never stopped ends with a warning saying what to check (not
-one whose answers only reached the cap).
+At each evaluation the run answers a few fixed held-out instructions greedily (with the pipeline's default answer
+repetition penalty, as users get them) and logs, beside ``eval_loss``, ``eval_stop_rate`` and the answers themselves:
+a table in MLflow (step, instruction, reference, answer, stopped, outcome) and text in TensorBoard. Each answer's
+outcome is ``stopped`` (it ended with ``### End``), ``token cap`` (it reached ``--eval-answer-tokens`` where the
+reference answer is longer than that: a right answer would too) or ``ran on`` (it did not stop where the reference
+had ended, or ended at EOS without ``### End``). The stop rate is the share stopped among the answers that could have
+stopped within the cap (NaN when every answer reached it). A model that never learns to stop is a classic silent
+failure; a run whose answers ran on and never stopped ends with a warning saying what to check (not one whose answers
+only reached the cap).
 
 Every rank takes part (under ZeRO-3 each forward pass gathers the partitioned weights from all ranks): the prompts
 are shared out, each rank generates its own (``synced_gpus`` keeps the ranks stepping together until the last one
@@ -22,10 +23,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..preprocess import IGNORE_INDEX
 from ..saved_model.consts import END_KEY, INPUT_KEY, INSTRUCTION_KEY, RESPONSE_KEY
+from ..saved_model.instruct_pipeline import AnswerRepetitionPenalty
 from .distributed import global_rank, is_distributed, world_size
 
 logger = logging.getLogger(__name__)
@@ -109,6 +111,8 @@ class EvalAnswers:
             eos_token_id=[self.end_id]
             + ([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []),
             pad_token_id=self.tokenizer.pad_token_id,
+            # Decoded as the pipeline decodes by default, so the stop rate is the one users of the model see.
+            logits_processor=LogitsProcessorList([AnswerRepetitionPenalty.for_tokenizer(self.tokenizer, ids.shape[1])]),
             synced_gpus=synced,
         )
         return sequences[0, ids.shape[1] :].tolist()

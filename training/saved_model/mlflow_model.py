@@ -74,6 +74,8 @@ SIGNATURE = ModelSignature(
             # Dolly's table, by the pipeline's names.
             ParamSpec("max_new_tokens", "long", DEFAULT_MAX_TOKENS),
             ParamSpec("do_sample", "boolean", False),
+            # Both: the pipeline's answer repetition penalty (unset: its default; 1.0: Dolly's decoding).
+            ParamSpec("answer_repetition_penalty", "double", None),
         ]
     ),
 )
@@ -95,7 +97,13 @@ def chat_generation(params: dict[str, Any]) -> dict[str, Any]:
         settings["num_return_sequences"] = n
     if params.get("stop"):
         settings["stop"] = [text for text in params["stop"] if text]
-    return settings
+    return {**settings, **penalty_setting(params)}
+
+
+def penalty_setting(params: dict[str, Any]) -> dict[str, float]:
+    """The pipeline's ``answer_repetition_penalty`` where a request sets it (else the pipeline's default applies)."""
+    penalty = params.get("answer_repetition_penalty")
+    return {} if penalty is None else {"answer_repetition_penalty": float(penalty)}
 
 
 def chat_completion(answers: list[dict[str, Any]], model_name: str) -> dict[str, Any]:
@@ -170,6 +178,7 @@ class DollyModel(mlflow.pyfunc.PythonModel):
         settings = {
             "max_new_tokens": int(params.get("max_new_tokens") or DEFAULT_MAX_TOKENS),
             "do_sample": bool(params.get("do_sample", False)),
+            **penalty_setting(params),
         }
         results = self.pipeline(requests, batch_size=max(1, len(requests)), **settings)
         return [result[0]["generated_text"] for result in results]

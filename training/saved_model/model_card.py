@@ -162,7 +162,8 @@ def stop_rate_row(log_history: list[dict[str, Any]], answers: int | None, cap: i
     shown = "none could stop within the cap" if rate != rate else f"{rate:.0%}"  # NaN: every reference was longer
     return (
         f"| answers that stop at `### End`, last evaluation | {shown} (step {step}; {answers} held-out instructions, "
-        f"greedy, at most {cap} new tokens; answers whose reference is longer than that are not counted) |"
+        f"greedy with the pipeline's default answer repetition penalty, at most {cap} new tokens; answers whose "
+        "reference is longer than that are not counted) |"
     )
 
 
