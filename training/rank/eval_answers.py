@@ -27,7 +27,7 @@ from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokeniz
 
 from ..preprocess import IGNORE_INDEX
 from ..saved_model.consts import END_KEY, INPUT_KEY, INSTRUCTION_KEY, RESPONSE_KEY
-from ..saved_model.instruct_pipeline import AnswerRepetitionPenalty
+from ..saved_model.instruct_pipeline import AnswerRepetitionPenalty, stop_token_ids
 from .distributed import global_rank, is_distributed, world_size
 
 logger = logging.getLogger(__name__)
@@ -108,8 +108,7 @@ class EvalAnswers:
             max_new_tokens=self.max_new_tokens,
             do_sample=False,
             use_cache=True,
-            eos_token_id=[self.end_id]
-            + ([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []),
+            eos_token_id=stop_token_ids(self.tokenizer),
             pad_token_id=self.tokenizer.pad_token_id,
             # Decoded as the pipeline decodes by default, so the stop rate is the one users of the model see.
             logits_processor=LogitsProcessorList([AnswerRepetitionPenalty.for_tokenizer(self.tokenizer, ids.shape[1])]),

@@ -12,11 +12,9 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 from transformers.dynamic_module_utils import custom_object_save
 
 from ..saved_model.chat_template import DOLLY_CHAT_TEMPLATE
-from ..saved_model.consts import END_KEY
 from ..saved_model.instruct_pipeline import (
     InstructionTextGenerationPipeline,
-    get_special_token_id,
-    has_dolly_special_tokens,
+    stop_token_ids,
 )
 from .checkpoints import list_checkpoints, remove_incomplete_checkpoints
 from .run_lock import LOCK_FILE_NAME
@@ -119,11 +117,8 @@ def stopping_generation_config(
 ) -> GenerationConfig:
     """``base`` (or a default one) made to stop at ``### End`` and at EOS, padding with the tokenizer's pad token:
     what a server that reads the saved ``generation_config.json`` then does too."""
-    stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if has_dolly_special_tokens(tokenizer):
-        stop_ids.insert(0, get_special_token_id(tokenizer, END_KEY))
     generation_config = base or GenerationConfig()
-    generation_config.eos_token_id = stop_ids
+    generation_config.eos_token_id = stop_token_ids(tokenizer)  # the pipeline's own
     generation_config.pad_token_id = tokenizer.pad_token_id
     return generation_config
 
