@@ -48,7 +48,7 @@ from training.driver.embedded import EmbeddedModelMissing, cache_root, embedded_
 from training.logs import configure_logging
 from training.rank.collators import DataCollatorForCompletionOnlyLM
 from training.rank.modeling import get_model_tokenizer
-from training.rank.packing import packing_collator
+from training.rank.packing import packed_kernel, packing_collator, plain_attention
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,8 @@ def run_arm(arm: str, options: argparse.Namespace) -> dict[str, Any]:
     steps = -(-len(train_tok) // options.batch_size)
 
     def held_out_loss() -> float | None:
-        return response_loss(model, tokenizer, eval_tok)["overall"]["loss"] if eval_tok else None
+        with plain_attention(model):  # padded batches: the model's own attention, as a saved model has
+            return response_loss(model, tokenizer, eval_tok)["overall"]["loss"] if eval_tok else None
 
     eval_loss_before = held_out_loss()
 
@@ -209,12 +210,14 @@ def run_arm(arm: str, options: argparse.Namespace) -> dict[str, Any]:
         "eval_loss_before": eval_loss_before,
         "eval_loss": held_out_loss(),
         "eval_records": len(eval_tok),
+        "flops_per_token": 6 * model.num_parameters(),
     }
+    if arm.startswith("ours") and (kernel := packed_kernel(model)) is not None:
+        result["attention"] = kernel.describe()
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name(0)
         peak_flops = next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
-        flops_per_token = 6 * model.num_parameters()
-        result["mfu"] = flops_per_token * tokens_per_second / peak_flops if peak_flops else None
+        result["mfu"] = result["flops_per_token"] * tokens_per_second / peak_flops if peak_flops else None
     return result
 
 

@@ -207,39 +207,68 @@ def test_scaling_sweeps_records_and_lengths(tiny_model_dir, sample_path, tmp_pat
 
 
 def test_the_gpu_check_runs_dry_on_cpu(tmp_path, monkeypatch):
-    """bench.gpu_check's steps but the CUDA ones: the trainer CLI under deepspeed --num_gpus 1 (ZeRO-3), the answer
-    through pipeline(trust_remote_code=True), and every throughput arm."""
+    """bench.gpu_check's four parts on CPU, each written as it finishes: exactness with the reference varlen kernel in
+    the CUDA kernel's place, the trainer CLI under deepspeed --num_gpus 1 (ZeRO-3, packed) answered through the
+    pipeline, every throughput arm with MFU against the measured matrix rate and ours' costliest ops, host waits."""
     from bench import gpu_check
 
     monkeypatch.setattr(common_module, "run_in_own_process", arms_in_this_process)
-    out = tmp_path / "gpu_check.json"
-    result = gpu_check.main(["run", "--dry-run", "--out", str(out)])
+    out = tmp_path / "parts"
+    result = gpu_check.main(["run", "--dry-run", "--out-dir", str(out)])
+    for family in ("gpt_neox", "llama_gqa"):
+        errors = result["exactness"][family]
+        assert errors["kernel"].startswith("torch_varlen_attn")
+        for pair in ("kernel_vs_per_record", "kernel_vs_unpacked_sdpa", "per_record_vs_unpacked_sdpa"):
+            assert errors[pair]["output"] < 1e-5 and errors[pair]["gradient"] < 1e-4, (family, pair, errors)
     trainer = result["trainer_run"]
+    assert trainer["exit_code"] == 0 and trainer["steps"] == 2 and len(trainer["losses"]) == 2
     assert trainer["world_size"] == 1 and trainer["zero_stage"] == 3 and trainer["precision"] == "fp32"
-    assert trainer["pipeline"] == "InstructionTextGenerationPipeline" and isinstance(trainer["answer"], str)
+    assert trainer["attention"] == "per_record_sdpa" and isinstance(trainer["answer"], str)
     assert trainer["packing_self_check"].startswith("Packing self-check passed")
-    assert set(result["throughput"]) == {"original", "trl", "ours"} and result["gpu"] is None
-    assert all(arm["mfu"] is None for arm in result["throughput"].values())  # MFU only against a GPU's peak
-    assert json.loads(out.read_text())["dry_run"] is True
+    assert result["host_waits"]["measured"] is False and "no CUDA" in result["host_waits"]["reason"]
+    speed = result["speed"]
+    assert set(speed["arms"]) == {"original", "trl", "ours"} and result["gpu"] is None
+    assert speed["matrix_rate_flops"] > 0 and all(0 < a["mfu_vs_measured_matrix_rate"] for a in speed["arms"].values())
+    assert speed["arms"]["ours"]["attention"].startswith("per_record_sdpa")
+    assert len(speed["ours_costliest_kernels"]) == 10 and speed["ours_costliest_kernels"][0]["ms"] > 0
+    # Each part was written on its own, and the whole so far beside them.
+    for part in ("exactness", "trainer_run", "host_waits", "speed"):
+        assert "part_seconds" in json.loads((out / f"{part}.json").read_text())
+    assert json.loads((out / "gpu_check.json").read_text())["dry_run"] is True
 
 
-def test_the_gpu_checks_wheels_are_packed_in_parts_a_command_can_carry(tmp_path):
-    from bench.gpu_check import repack
+def test_a_gpu_check_part_that_does_not_fit_the_budget_is_skipped_and_said(tmp_path):
+    import time
+
+    from bench.gpu_check import PartWriter
+
+    parts = PartWriter(tmp_path, {"dry_run": True}, budget=5, started=time.monotonic())
+    parts.run("quick", 1, lambda left: {"left": left})
+    parts.run("long", 60, lambda left: pytest.fail("a part that cannot fit must not start"))
+    parts.run("broken", 0, lambda left: 1 / 0)
+    written = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert 0 < written["quick"]["left"] <= 5 and "the part needs ~60 s" in written["long"]["skipped"]
+    assert written["broken"]["error"].startswith("ZeroDivisionError")
+
+
+def test_the_gpu_check_ships_one_bundle_a_command_can_carry_or_refuses(tmp_path):
+    import tarfile
+
+    from bench.gpu_check import PRESENT_ON_THE_MACHINE, bundle
 
     wheels = []
-    for name, size in (("big", 5000), ("mid", 3000), ("small", 1500), ("tiny", 200)):
+    for name, size in (("big", 5000), ("small", 1500)):
         wheel = tmp_path / f"{name}-1.0-py3-none-any.whl"
         wheel.write_bytes(os.urandom(size))  # incompressible, as zipped wheels are
         wheels.append(wheel)
-    parts = repack(wheels, tmp_path, limit=6000)
-    assert len(parts) == 2 and all(part.stat().st_size <= 6000 + 2048 for part in parts)  # xz adds a small header
-    import tarfile
-
-    names = []
-    for part in parts:
-        with tarfile.open(part) as archive:
-            names += archive.getnames()
-    assert sorted(names) == sorted(wheel.name for wheel in wheels)
+    archive = bundle(wheels, tmp_path, limit=8000)
+    with tarfile.open(archive) as opened:
+        assert sorted(opened.getnames()) == sorted(wheel.name for wheel in wheels)
+    with pytest.raises(SystemExit, match=r"over 0 MiB; largest: big-1.0-py3-none-any.whl"):
+        bundle(wheels, tmp_path, limit=4000)
+    assert not archive.exists()
+    # What the GPU machine already has is never shipped.
+    assert {"torch", "pyarrow", "pandas", "tokenizers", "safetensors", "peft", "accelerate"} <= set(PRESENT_ON_THE_MACHINE)
 
 
 def test_the_launcher_profile_reads_the_wait_from_the_reduction_hooks(tmp_path):

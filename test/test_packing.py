@@ -9,10 +9,10 @@ from training.preprocess import IGNORE_INDEX, preprocess_dataset
 from training.rank.collators import DataCollatorForCompletionOnlyLM
 from training.rank.modeling import get_model_tokenizer
 from training.rank.packing import (
-    PACKED_SDPA,
     DataCollatorForPackedCompletionOnlyLM,
+    packing_collator,
     record_bounds,
-    register_packed_sdpa,
+    restore_attention,
     supports_packing,
 )
 
@@ -50,13 +50,14 @@ def record_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-@pytest.mark.parametrize("attention", ["sdpa", PACKED_SDPA])
+@pytest.mark.parametrize("attention", ["sdpa", "packed"])
 @pytest.mark.parametrize("architecture", ["gpt_neox", "llama"])
 def test_each_record_in_a_packed_row_matches_the_record_alone(model_and_tokenizer, records, architecture, attention):
     model, tokenizer = model_and_tokenizer
     if architecture == "llama":
         model = tiny_llama(len(tokenizer))
-    model.set_attn_implementation(register_packed_sdpa() if attention == PACKED_SDPA else "sdpa")
+    if attention == "packed":
+        packing_collator(model, tokenizer, device="cpu")  # the per-record kernel training uses on a CPU
     assert supports_packing(model)
     chosen = records[:4]
     packed = DataCollatorForPackedCompletionOnlyLM(tokenizer=tokenizer, response_logits_only=False)(chosen)
@@ -72,6 +73,7 @@ def test_each_record_in_a_packed_row_matches_the_record_alone(model_and_tokenize
             labels = torch.tensor(record["labels"])
             torch.testing.assert_close(record_loss(inside, labels), record_loss(alone, labels), atol=1e-3, rtol=1e-5)
             start += ids.shape[1]
+    restore_attention(model)
 
 
 def test_response_only_logits_give_the_same_loss(model_and_tokenizer, records):
@@ -154,9 +156,9 @@ def test_every_layer_gets_the_collators_record_bounds(model_and_tokenizer, recor
     """The bounds are computed once per batch, in the collator, and handed down to each layer's attention as plain
     integers: no layer reads the position ids back from the device (record_bounds() is never called)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     import training.rank.packing as packing
+    from training.rank.packed_attention import PER_RECORD_SDPA, KernelChoice, make_packed_attention
 
     model, tokenizer = model_and_tokenizer
     if architecture == "llama":
@@ -172,13 +174,13 @@ def test_every_layer_gets_the_collators_record_bounds(model_and_tokenizer, recor
     assert record_bounds(packed["position_ids"]) == list(packed["record_bounds"])
 
     seen = []
+    per_record = make_packed_attention(KernelChoice(PER_RECORD_SDPA, "test"))
 
     def spying_attention(module, query, key, value, attention_mask, **kwargs):
         seen.append(kwargs.get("record_bounds"))
-        return packing.packed_sdpa_attention(module, query, key, value, attention_mask, **kwargs)
+        return per_record(module, query, key, value, attention_mask, **kwargs)
 
-    AttentionInterface.register("spy", spying_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register("spy", sdpa_mask)
+    AttentionInterface.register("spy", spying_attention)  # no mask function, as the packed attention
     monkeypatch.setattr(packing, "record_bounds", lambda *_: pytest.fail("bounds read back from position ids"))
     model.set_attn_implementation("spy")
     try:
@@ -307,3 +309,49 @@ def test_ranks_whose_packing_checks_disagree_all_train_on_padded_batches(tiny_mo
     assert log.count("Packing self-check failed") == 1 and "Packing self-check failed (on another rank; here:" in log
     assert "Batching with DataCollatorForCompletionOnlyLM" in log
     assert "Batching with DataCollatorForPackedCompletionOnlyLM" not in log
+
+
+def test_tokens_seen_are_counted_on_the_host_and_gathered_when_logged(tiny_model_dir, records, tmp_path):
+    """A packed row's token count is its shape: added up on the host each micro-step, gathered at logging and saving
+    steps, it comes to every token of the epoch, in the log and in the saved trainer state."""
+    import json
+
+    from datasets import Dataset
+
+    from training.rank.dolly_trainer import DollyTrainer
+    from training.rank.packing import Batching
+
+    model, tokenizer = get_model_tokenizer(str(tiny_model_dir))
+    chosen = records[:16]  # 8 micro-steps of 2 records, 4 optimizer steps
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        num_train_epochs=1,
+        logging_steps=2,
+        save_steps=4,
+        save_strategy="steps",
+        report_to=[],
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        use_cpu=True,
+    )
+    trainer = DollyTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(chosen),
+        batching=Batching(DataCollatorForPackedCompletionOnlyLM(tokenizer=tokenizer)),
+        processing_class=tokenizer,
+    )
+    gathers = []
+    gather = trainer.accelerator.gather
+    trainer.accelerator.gather = lambda tensor: gathers.append(tensor) or gather(tensor)
+    trainer.train()
+    # One gather (and one wait for the device) per log and per save, not one per micro-step (the Trainer's 8).
+    assert len(gathers) == 4  # logs at steps 2 and 4, the save at step 4, the closing log
+    total = sum(len(record["input_ids"]) for record in chosen)
+    assert trainer.state.num_input_tokens_seen == total and trainer._tokens_not_gathered == 0
+    logged = [entry["num_input_tokens_seen"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 2 and 0 < logged[0] < logged[1] == total
+    saved = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())
+    assert saved["num_input_tokens_seen"] == total

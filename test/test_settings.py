@@ -225,6 +225,7 @@ def test_run_config_records_the_run_and_replays_it(zero3_run, sample_path, tmp_p
     assert data["eval_records"] == 8 and Path(data["prepared_path"]).name == data["fingerprint"]
     assert set(data["fingerprint_parts"]) == {"source", "columns", "template", "tokenizer", "max_length", "seed"}
     assert record["resolved"]["world_size"] == 2 and record["resolved"]["precision"] == "fp32"
+    assert record["resolved"]["attention"] == "per_record_sdpa"  # packed rows on CPU ranks
     used = record["resolved"]["deepspeed_config"]
     assert used["zero_optimization"]["stage"] == 3 and used["train_micro_batch_size_per_gpu"] == 4  # "auto" filled
     assert record["model"]["model_type"] == "gpt_neox" and record["model"]["parameters"] > 0

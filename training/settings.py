@@ -268,6 +268,13 @@ class TrainSettings:
         replayed=False,
         help="Let --resume continue on data that differs from the data the checkpoint was trained on.",
     )
+    count_host_waits: bool = setting(
+        False,
+        kind="flag",
+        replayed=False,
+        help="Diagnostics on a GPU: count the times the host waits for the device in each optimizer step "
+        "(torch.cuda.set_sync_debug_mode) and write them, with where they happen, to OUTPUT/host_waits.json.",
+    )
     wait_timeout: float = setting(
         4 * 3600.0,
         check=above_zero,

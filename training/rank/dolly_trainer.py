@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from transformers import Trainer, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_pt_utils import BatchRebalanceSampler, LengthGroupedSampler
@@ -16,7 +17,8 @@ from ..preprocess import length_column
 from .checkpoints import CheckpointCompletion
 from .distributed import is_main_process
 from .eval_answers import EvalAnswers, log_answers, sample_prompts
-from .packing import Batching, DataCollatorForPackedCompletionOnlyLM, packed_batches, unwrap
+from .host_waits import HostWaitCounter
+from .packing import Batching, DataCollatorForPackedCompletionOnlyLM, packed_batches, plain_attention, unwrap
 from .packing_check import check_records
 from .run_record import RunRecorder
 from .saving import save_failed
@@ -34,6 +36,7 @@ class DollyTrainer(Trainer):
     TensorBoard show throughput per step)."""
 
     _last_log: tuple[float, int] | None = None  # (time, input tokens seen) at the previous training log
+    _tokens_not_gathered = 0  # this rank's packed tokens since the last gather (see _track_num_input_tokens)
 
     def __init__(
         self,
@@ -53,7 +56,8 @@ class DollyTrainer(Trainer):
         """The held-out loss, and at each evaluation (not for ``predict``) the sample answers' stop rate beside it."""
         output = super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
         if self.eval_answers is not None and metric_key_prefix == "eval":
-            rate, answers, seconds = self.eval_answers.evaluate(self.model, self.state.global_step)
+            with plain_attention(self.model):  # generation with a cache: the model's own attention
+                rate, answers, seconds = self.eval_answers.evaluate(self.model, self.state.global_step)
             output.metrics[f"{metric_key_prefix}_stop_rate"] = rate
             output.metrics[f"{metric_key_prefix}_answers_seconds"] = round(seconds, 2)
             if is_main_process():
@@ -96,7 +100,37 @@ class DollyTrainer(Trainer):
             self.balanced_sampler.set_epoch(epoch)
         return super()._run_epoch(model, epoch, *args, **kwargs)
 
+    def _track_num_input_tokens(self, inputs) -> None:
+        """Tokens seen, without the host waiting on the device every micro-step. The Trainer counts a batch's
+        non-padding tokens on the device, then gathers the count over the ranks and reads it back (``.item()``) at
+        every micro-step. A packed row has no padding: its token count is its shape, known on the host, so it is
+        added up here and gathered only when the count is read (:meth:`_gather_tokens_seen`: at logging and
+        checkpoint steps). Padded batches are counted as the Trainer counts them."""
+        packed = isinstance(self.batching.collator, DataCollatorForPackedCompletionOnlyLM)
+        if self.args.include_num_input_tokens_seen == "no" or not packed or "attention_mask" in inputs:
+            return super()._track_num_input_tokens(inputs)
+        self._tokens_not_gathered += inputs["input_ids"].numel()
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The gradient norm, left where it is. Under DeepSpeed the Trainer reads the engine's norm (a device tensor)
+        back as a float at every optimizer step, though only a logging step uses it; the Trainer's log reads a tensor
+        itself, so the host waits for it there, once per log."""
+        if grad_norm is None:
+            return super()._get_grad_norm(model, grad_norm)
+        return grad_norm
+
+    def _gather_tokens_seen(self) -> None:
+        """Add every rank's packed tokens since the last gather to ``num_input_tokens_seen`` (collective: the Trainer
+        logs and saves on every rank). This read waits for the device, once per log or checkpoint."""
+        if not isinstance(self.batching.collator, DataCollatorForPackedCompletionOnlyLM):
+            return
+        local = torch.tensor(self._tokens_not_gathered, device=self.args.device, dtype=torch.int64)
+        self._tokens_not_gathered = 0
+        self.state.num_input_tokens_seen += int(self.accelerator.gather(local).sum().item())
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.args.include_num_input_tokens_seen != "no":
+            self._gather_tokens_seen()
         if "loss" in logs and self.args.include_num_input_tokens_seen != "no":
             now, seen = time.time(), self.state.num_input_tokens_seen  # the clock of start_time
             since = self._last_log or (start_time or now, getattr(self, "_initial_num_input_tokens_seen", 0))
@@ -127,6 +161,8 @@ class DollyTrainer(Trainer):
         model.load_state_dict(reloaded.state_dict(), strict=True)
 
     def _save_checkpoint(self, model, trial) -> None:
+        if self.args.include_num_input_tokens_seen != "no":
+            self._gather_tokens_seen()  # the saved trainer state holds the count
         try:
             super()._save_checkpoint(model, trial)
         except Exception as err:
@@ -218,7 +254,10 @@ def run_training(prepared: PreparedRun, recorder: RunRecorder, stops: StopReques
         packing=settings.packing,
         check_with=check_records(prepared.train_dataset),
         precision=prepared.precision,
+        device=prepared.args.device,
     ) as batching:
+        if batching.attention is not None:
+            recorder.record = recorder.record.with_resolved(attention=batching.attention.kernel)
         trainer = DollyTrainer(
             model=prepared.model,
             processing_class=prepared.tokenizer,
@@ -228,7 +267,12 @@ def run_training(prepared: PreparedRun, recorder: RunRecorder, stops: StopReques
             batching=batching,
             balance_ranks=settings.balance_ranks,
             eval_answers=eval_answers,
-            callbacks=[recorder, CheckpointCompletion(settings.save_total_limit, recorder.write), StopAtStepEnd(stops)],
+            callbacks=[
+                recorder,
+                CheckpointCompletion(settings.save_total_limit, recorder.write),
+                StopAtStepEnd(stops),
+                *([HostWaitCounter()] if settings.count_host_waits else []),
+            ],
         )
         logger.info("Training")
         trainer.train(resume_from_checkpoint=str(prepared.resume.checkpoint) if prepared.resume else None)

@@ -7,12 +7,11 @@ A packed step differs from Dolly's padded step in four ways, all made here:
    (:class:`DataCollatorForPackedCompletionOnlyLM`). The collator also says where each record lies, once per
    batch: ``record_bounds`` as plain integers (no device-to-host copy is needed to read them) and, for
    FlashAttention's varlen kernel, ``cu_seq_lens_q``/``cu_seq_lens_k`` with ``max_length_q``/``max_length_k``.
-2. **Attention.** Without an attention mask (and with ``use_cache=False``, since a KV cache would hide the
-   packing), transformers builds a block-diagonal causal mask from the restarting positions. Where the model uses
-   SDPA, :func:`packed_batches` switches it, for the duration of training only, to :func:`packed_sdpa_attention`,
-   which runs causal SDPA per record, from the collator's bounds, instead of computing and discarding every
-   cross-record score; a saved model uses plain SDPA again. FlashAttention 2/3 (chosen when it is installed on a
-   GPU, see ``training.modeling``) takes the ``cu_seq_lens`` and runs its varlen kernel.
+2. **Attention.** Each record attends only to itself, through one varlen kernel call per layer on a GPU (FlashAttention's,
+   or PyTorch's ``varlen_attn``) and causal SDPA per record on a CPU, from the collator's bounds: chosen once per run
+   and switched on for training only (:mod:`training.rank.packed_attention`); no mask is built for a packed row. A
+   model whose attention those kernels cannot serve exactly keeps its own, with the block-diagonal mask transformers
+   builds from the restarting positions. Saved models, and generation during training, use the model's own attention.
 3. **Output layer.** The batch carries ``logits_to_keep`` (the positions that predict a response token) and
    ``shift_labels`` (their targets), so the vocabulary projection and the loss skip prompt tokens. ``labels``
    stay in the batch, for the Trainer to count response tokens.
@@ -35,21 +34,27 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AttentionInterface, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..preprocess import IGNORE_INDEX
 from ..settings import SettingsError
 from .collators import DataCollatorForCompletionOnlyLM, labels_for
 from .distributed import every_rank, is_main_process
+from .packed_attention import (
+    MODEL_ATTENTION,
+    PACKED_ATTENTION,
+    KernelChoice,
+    choose_kernel_for,
+    register_packed_attention,
+)
 from .packing_check import check_packing
 
 logger = logging.getLogger(__name__)
 
-PACKED_SDPA = "dolly_packed_sdpa"
 # Attention implementations that read packed sequences from restarting position ids.
-PACKING_ATTENTION = {"sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention", PACKED_SDPA}
+PACKING_ATTENTION = {"sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention", PACKED_ATTENTION}
+# Those the packed-row kernels replace while training (same arithmetic; others keep their own attention).
+REPLACEABLE_ATTENTION = {"sdpa", "eager", "flash_attention_2", "flash_attention_3"}
 
 
 # ---- 1 and 3: the packed batch ----
@@ -98,7 +103,7 @@ class DataCollatorForPackedCompletionOnlyLM:
         return batch
 
 
-# ---- 2: attention per record ----
+# ---- 2: attention per record (the kernels: training/rank/packed_attention.py) ----
 
 
 def record_bounds(position_ids: torch.Tensor) -> list[tuple[int, int]]:
@@ -108,65 +113,6 @@ def record_bounds(position_ids: torch.Tensor) -> list[tuple[int, int]]:
     starts = torch.nonzero(positions[1:] != positions[:-1] + 1).flatten() + 1
     edges = [0] + starts.tolist() + [positions.numel()]
     return list(zip(edges[:-1], edges[1:]))
-
-
-def packed_sdpa_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    position_ids: torch.Tensor | None = None,
-    record_bounds: tuple[tuple[int, int], ...] | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """Causal SDPA per record for one packed row (query/key/value: batch, heads, tokens, head_dim), from the
-    collator's ``record_bounds``: plain integers, so no layer waits on the device to learn where records are.
-
-    Anything else (padded batches, generation with a cache, a row without bounds) goes to the ordinary SDPA function
-    with its mask, unchanged; the mask transformers builds from restarting position ids keeps records apart there.
-    """
-    packed_row = (
-        record_bounds is not None
-        and len(record_bounds) > 1
-        and query.shape[0] == 1
-        and query.shape[2] == key.shape[2] == record_bounds[-1][1]
-    )
-    if not packed_row:
-        return sdpa_attention_forward(
-            module,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=dropout,
-            scaling=scaling,
-            position_ids=position_ids,
-            **kwargs,
-        )
-    grouped = key.shape[1] != query.shape[1]
-    outputs = [
-        torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, start:end],
-            key[:, :, start:end],
-            value[:, :, start:end],
-            dropout_p=dropout,
-            is_causal=True,
-            scale=scaling,
-            enable_gqa=grouped,
-        )
-        for start, end in record_bounds
-    ]
-    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
-
-
-def register_packed_sdpa() -> str:
-    """Make the function available as an attention implementation (masks built as for SDPA); returns its name."""
-    AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, sdpa_mask)
-    return PACKED_SDPA
 
 
 # ---- deciding, and switching on and off ----
@@ -184,33 +130,79 @@ def supports_packing(model: PreTrainedModel) -> bool:
     return takes_positions and getattr(model.config, "_attn_implementation", None) in PACKING_ATTENTION
 
 
+def default_device() -> torch.device:
+    """Where the Trainer puts the model when nothing says otherwise."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def packing_collator(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    device: torch.device | str | None = None,
+    precision: str | None = None,
 ) -> DataCollatorForPackedCompletionOnlyLM | None:
-    """The packed collator, with per-record attention switched on where the model uses SDPA; None if unsupported.
+    """The packed collator, with the model's attention switched to the packed-row kernel chosen for ``device`` and
+    ``precision`` (:func:`training.rank.packed_attention.choose_kernel`); None if the model cannot pack. Without
+    ``precision``, the model's own dtype says it (a run whose engine casts the model later must say it).
 
     Pair with :func:`restore_attention` (or use :func:`packed_batches`, which does both).
     """
     if not supports_packing(model):
         return None
-    if unwrap(model).config._attn_implementation == "sdpa":
-        unwrap(model).set_attn_implementation(register_packed_sdpa())
+    base = unwrap(model)
+    own = base.config._attn_implementation
+    if own == PACKED_ATTENTION:
+        own = getattr(base, "_dolly_own_attention", "sdpa")
+    precision = precision or {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(base.dtype, "fp32")
+    choice = choose_kernel_for(base, device or default_device(), precision)
+    if own not in REPLACEABLE_ATTENTION:
+        choice = KernelChoice(MODEL_ATTENTION, f"the model uses {own}")
+    base._dolly_own_attention = own
+    if choice.replaces_attention:
+        base.set_attn_implementation(register_packed_attention(choice))
+        if base.config._attn_implementation != PACKED_ATTENTION:  # some models (Falcon) keep theirs, with a warning
+            choice = KernelChoice(MODEL_ATTENTION, f"{type(base).__name__} cannot switch its attention ({own} kept)")
+    base._dolly_packed_kernel = choice
     return DataCollatorForPackedCompletionOnlyLM(tokenizer=tokenizer)
 
 
+def packed_kernel(model: PreTrainedModel) -> KernelChoice | None:
+    """The kernel :func:`packing_collator` chose for this model (None before it ran)."""
+    return getattr(unwrap(model), "_dolly_packed_kernel", None)
+
+
 def restore_attention(model: PreTrainedModel) -> None:
-    """Saved models use plain SDPA: the packed-row attention is a training-time choice."""
+    """The model's own attention again: the packed-row attention is a training-time choice (saved models, and
+    generation with a cache or padding, use the model's own)."""
     base = unwrap(model)
-    if base.config._attn_implementation == PACKED_SDPA:
-        base.set_attn_implementation("sdpa")
+    if base.config._attn_implementation == PACKED_ATTENTION:
+        base.set_attn_implementation(getattr(base, "_dolly_own_attention", "sdpa"))
+
+
+@contextmanager
+def plain_attention(model: PreTrainedModel) -> Iterator[None]:
+    """The model's own attention inside the block (generation during training, the self-check's records alone),
+    the packed-row attention again after it."""
+    base = unwrap(model)
+    packed = base.config._attn_implementation == PACKED_ATTENTION
+    if packed:
+        base.set_attn_implementation(getattr(base, "_dolly_own_attention", "sdpa"))
+    try:
+        yield
+    finally:
+        if packed:
+            base.set_attn_implementation(PACKED_ATTENTION)
 
 
 @dataclass(frozen=True)
 class Batching:
-    """How the Trainer batches records: the collator, and whether to group records of similar length."""
+    """How the Trainer batches records: the collator, whether to group records of similar length, and the attention
+    packed rows run through (None for padded batches)."""
 
     collator: Any
     group_by_length: bool = False
+    attention: KernelChoice | None = None
 
 
 class PackingRefused(SettingsError):
@@ -224,12 +216,15 @@ def choose_collator(
     packing: bool | None,
     check_with: list[dict[str, Any]] | None = None,
     precision: str = "fp32",
+    device: torch.device | str | None = None,
 ) -> DataCollatorForPackedCompletionOnlyLM | None:
     """The packed collator, if this run packs: ``packing`` None packs where the model supports it and passes the
-    self-check on ``check_with`` (some of the run's records), True insists (and refuses otherwise), False never."""
+    self-check on ``check_with`` (some of the run's records), True insists (and refuses otherwise), False never.
+    The self-check runs the packed row through the kernel training will use, and each record alone through the
+    model's own attention."""
     if packing is False:
         return None
-    collator = packing_collator(model, tokenizer)
+    collator = packing_collator(model, tokenizer, device=device, precision=precision)
     if collator is None:
         if packing:
             raise PackingRefused(
@@ -241,7 +236,7 @@ def choose_collator(
     if not check_with:
         return collator
     every_logit = DataCollatorForPackedCompletionOnlyLM(tokenizer=tokenizer, response_logits_only=False)
-    result = check_packing(model, check_with, precision, pack=every_logit)
+    result = check_packing(model, check_with, precision, pack=every_logit, alone=lambda: plain_attention(model))
     # One verdict for the run: ranks that batched differently would no longer run matching collectives.
     passed_everywhere = every_rank(result.passed, next(model.parameters()).device)
     if passed_everywhere:
@@ -271,17 +266,22 @@ def packed_batches(
     packing: bool | None,
     check_with: list[dict[str, Any]] | None = None,
     precision: str = "fp32",
+    device: torch.device | str | None = None,
 ) -> Iterator[Batching]:
-    """The batching for a training run (:func:`choose_collator`), with the model's attention switched to per-record
-    SDPA inside the block where it packs, and back on leaving it (also when training fails)."""
-    collator = choose_collator(model, tokenizer, packing=packing, check_with=check_with, precision=precision)
+    """The batching for a training run (:func:`choose_collator`), with the model's attention switched to the packed-row
+    kernel inside the block where it packs, and back on leaving it (also when training fails)."""
+    collator = choose_collator(
+        model, tokenizer, packing=packing, check_with=check_with, precision=precision, device=device
+    )
     if collator is None:
         batching = Batching(
             DataCollatorForCompletionOnlyLM(tokenizer=tokenizer, pad_to_multiple_of=8),
             group_by_length=packing is not False,
         )
     else:
-        batching = Batching(collator)
+        batching = Batching(collator, attention=packed_kernel(model))
+        if is_main_process():
+            logger.info("Packed rows attend through %s", batching.attention.describe())
     logger.info("Batching with %s", type(batching.collator).__name__)
     try:
         yield batching

@@ -97,9 +97,10 @@ def check_packing(
     precision: str,
     *,
     pack: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    alone: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> PackingCheck:
     """Run ``records`` through ``model`` packed by ``pack`` (the training collator, asked for every position's
-    logits) and alone, and compare."""
+    logits) and each alone inside ``alone()`` (training: the model's own attention), and compare."""
     started = time.perf_counter()
     device = next(model.parameters()).device
     packed = pack(records)
@@ -115,8 +116,9 @@ def check_packing(
         with gathered_weights(model):
             packed_logits = model(**inputs).logits[0].float()
             for (start, end), record in zip(packed["record_bounds"], records):
-                alone = model(input_ids=torch.tensor([record["input_ids"]], device=device), use_cache=False)
-                alone_logits = alone.logits[0].float()
+                with alone():
+                    by_itself = model(input_ids=torch.tensor([record["input_ids"]], device=device), use_cache=False)
+                alone_logits = by_itself.logits[0].float()
                 difference = max(difference, (packed_logits[start:end] - alone_logits).abs().max().item())
                 scale = max(scale, alone_logits.abs().max().item())
     finally:
