@@ -160,18 +160,24 @@ def pack(python_version: str, out: Path = WHEELS_DIR) -> list[Path]:
             "--implementation",
             "cp",
             *platforms,
+            "--find-links",  # the DeepSpeed wheel built above: pip takes it instead of looking for a binary one
+            str(download),
             "-d",
             str(download),
             *GPU_REQUIREMENTS,
         ],
         check=True,
     )
-    wheels = sorted(
-        path
-        for path in download.glob("*.whl")
-        if not path.name.lower().replace("_", "-").startswith(PRESENT_ON_THE_MACHINE)
-    )
+    wheels = sorted(path for path in download.glob("*.whl") if not on_the_machine(path.name))
     return [bundle(wheels, out)]
+
+
+def on_the_machine(wheel_name: str) -> bool:
+    """Whether the GPU machine already has this wheel's distribution (by its exact name: httpx is there, httpx2 is
+    not; the CUDA libraries by their prefixes)."""
+    distribution = wheel_name.split("-", 1)[0].lower().replace("_", "-")
+    present = {name.replace("_", "-") for name in PRESENT_ON_THE_MACHINE}
+    return distribution in present or distribution.startswith(("nvidia-", "cuda-"))
 
 
 def bundle(wheels: list[Path], out: Path, limit: int = BUNDLE_LIMIT) -> Path:
