@@ -61,7 +61,8 @@ def test_each_family_trains_under_two_ranks_and_zero3_and_answers(tiny_model_dir
         record = json.loads((Path(out) / RUN_CONFIG_NAME).read_text())
         assert record["model"]["model_type"] == family and record["resolved"]["world_size"] == 2, family
         # On CPU ranks: the per-record loop, or the model's own attention where the loop cannot serve it (Gemma 2 caps
-        # its attention logits; Falcon cannot switch its attention).
-        own = family in ("gemma2", "falcon")
+        # its attention logits; Falcon cannot switch its attention; StableLM's layers do not pass the record bounds
+        # down, so the self-check fails the loop and passes its own attention).
+        own = family in ("gemma2", "falcon", "stablelm")
         assert record["resolved"].get("attention") == ("model_attention" if own else "per_record_sdpa"), family
         assert_answers(out)

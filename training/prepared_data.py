@@ -7,9 +7,11 @@ records (:func:`fingerprint_parts`): the source's content, the column mapping, t
 ``max_length`` and the seed. A later run with the same ones (another output folder, another day) reuses the folder
 and says so; a resume compares the fingerprint its checkpoint recorded with the data's now.
 
-A dataset is built in a private ``.building-*`` folder inside the cache and renamed into place when complete, so a
-killed build leaves no half-written dataset under a fingerprint, and two runs that build the same one at once both
-end with one complete copy.
+A dataset is built in a private ``.building-*`` folder inside the cache, marked complete (a marker naming its files
+and sizes, :mod:`training.folder_commit`) and renamed into place, so a killed build leaves no half-written dataset
+under a fingerprint, two runs that build the same one at once both end with one complete copy, and on a volume,
+where a rename is a copy then a delete, no reader takes a folder whose files have not all arrived. A build whose
+process is gone is swept by the next preparation in the same cache.
 """
 
 from __future__ import annotations
@@ -17,9 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +31,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .columns import Columns
 from .data import records_dataset, source_fingerprint
+from .folder_commit import building_folder, commit, is_complete, mark_complete, sweep_abandoned_builds
 from .preprocess import drop_too_long, tokenize_dataset
 from .saved_model.prompts import format_training_text
 
@@ -133,10 +134,9 @@ class PreparedData:
 def existing(cache_dir: Path, fingerprint: str) -> PreparedData | None:
     """The complete prepared dataset of ``fingerprint`` in ``cache_dir``, if there is one."""
     path = cache_dir / fingerprint
-    info_file = path / INFO_NAME
-    if not info_file.is_file():
+    if not is_complete(path):  # the marker names every file with its size: a copy still arriving is not complete
         return None
-    return PreparedData(path, fingerprint, json.loads(info_file.read_text(encoding="utf-8")))
+    return PreparedData(path, fingerprint, json.loads((path / INFO_NAME).read_text(encoding="utf-8")))
 
 
 def prepare_data(
@@ -162,15 +162,13 @@ def prepare_data(
         )
         return found
     cache_dir.mkdir(parents=True, exist_ok=True)
-    building = cache_dir / f".building-{fingerprint}-{socket.gethostname()}-{os.getpid()}"
+    sweep_abandoned_builds(cache_dir)
+    target = cache_dir / fingerprint
+    building = building_folder(target)
     try:
         info = _build(spec, tokenizer, parts, building, num_proc)
-        target = cache_dir / fingerprint
-        try:
-            (building / "dataset").rename(target)
-        except OSError:  # another run finished the same dataset first: its copy is as good
-            if existing(cache_dir, fingerprint) is None:
-                raise
+        mark_complete(building / "dataset", fingerprint=fingerprint)
+        if not commit(building / "dataset", target):  # another run finished the same dataset first: as good
             logger.info("Another run prepared %s first; using its copy", target)
     finally:
         shutil.rmtree(building, ignore_errors=True)

@@ -16,7 +16,6 @@ batches. The output folder and the data must be on storage every node sees.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -30,7 +29,7 @@ from typing import Any
 
 from ..columns import Columns
 from ..data import OPTIONAL_FIELDS, REQUIRED_FIELDS, DatasetRecordError, validate_record
-from ..rank.checkpoints import write_atomically
+from ..folder_commit import building_folder, commit, mark_complete, read_marker, sweep_abandoned_builds
 from ..rank.saving import is_finished_output
 from ..settings import command_line
 from .launch_outcome import TrainingFailedError, failure_summary, stopped_error, wait_stopping_on_interrupt
@@ -59,7 +58,11 @@ def names_a_table(spark: Any, name: str) -> bool:
 
 ROW_ID = "_dolly_row_id"
 PARTITION_SHIFT = 33  # monotonically_increasing_id: the partition in the upper bits, the row within it below
-TABLE_INFO_NAME = ".dolly_table.json"  # hidden: the folder reader takes every .json file for data
+TABLE_INFO_NAME = ".dolly_table.json"  # the copy's completion marker; hidden: the folder reader takes every .json
+
+
+class TableCopyError(RuntimeError):
+    """A table's copy would go, or went, where the driver and the ranks cannot read it."""
 
 
 def spark_uri(path: str | os.PathLike) -> str:
@@ -149,19 +152,60 @@ def table_to_parquet(spark: Any, table: str, cache_dir: str | os.PathLike, colum
     if first_bad is not None:
         _raise_for_row(frame, table, mapping, first_bad)
     folder = Path(cache_dir) / "tables" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', table)}-{digest}"
-    if (folder / TABLE_INFO_NAME).is_file():
+    if read_marker(folder, TABLE_INFO_NAME) is not None:
         logger.info("Reusing %s for table %s (the same %d rows)", folder, table, rows)
         return str(folder)
-    building = folder.with_name(f".building-{folder.name}-{os.getpid()}")
-    frame.select(*wanted).orderBy(*wanted).write.mode("overwrite").parquet(spark_uri(building))
-    (building / "_SUCCESS").unlink(missing_ok=True)  # Spark's marker: not data; the info file marks it complete
-    write_atomically(building / TABLE_INFO_NAME, json.dumps({"table": table, "rows": rows, "columns": wanted}) + "\n")
+    refuse_unshared_destination(spark, folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    sweep_abandoned_builds(folder.parent)
+    building = building_folder(folder)
     try:
-        building.rename(folder)
-    except OSError:  # another run wrote the same rows first
+        frame.select(*wanted).orderBy(*wanted).write.mode("overwrite").parquet(spark_uri(building))
+        (building / "_SUCCESS").unlink(missing_ok=True)  # Spark's marker: not data; ours marks it complete
+        written = parquet_rows(building)
+        if written != rows:
+            raise TableCopyError(
+                f"table {table}: Spark wrote its {rows} rows to {spark_uri(building)}, but this driver finds {written} "
+                "there: the executors wrote to storage the driver does not see (their own local disks?). Copy tables to "
+                "storage every node sees: a Unity Catalog volume (the volume widget) or a shared filesystem"
+            )
+        mark_complete(building, TABLE_INFO_NAME, table=table, rows=rows, columns=wanted)
+        if not commit(building, folder, TABLE_INFO_NAME):  # another run wrote the same rows first
+            logger.info("Another run copied table %s first; using its copy", table)
+    finally:
         shutil.rmtree(building, ignore_errors=True)
     logger.info("Wrote the %d rows of table %s to %s", rows, table, folder)
     return str(folder)
+
+
+def parquet_rows(folder: Path) -> int:
+    """Rows in the Parquet files of ``folder`` as this process sees them (their footers only)."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(path).metadata.num_rows for path in sorted(folder.glob("*.parquet")))
+
+
+def executor_hosts(spark: Any) -> set[str]:
+    """The hosts of the cluster's executors (empty in local mode, where the driver runs the tasks itself)."""
+    status = spark.sparkContext._jsc.sc().getExecutorMemoryStatus()  # "host:port" of the driver and each executor
+    hosts = {str(key).rsplit(":", 1)[0] for key in status.keySet().toArray()}
+    return hosts - {spark.sparkContext.getConf().get("spark.driver.host", "")}
+
+
+def refuse_unshared_destination(spark: Any, folder: Path) -> None:
+    """Refuse a local (``file:``) destination when executors run on other hosts: they would write to their own
+    disks, and the driver's folder would get nothing but Spark's markers."""
+    if not spark_uri(folder).startswith("file:"):
+        return
+    local = {socket.gethostname(), "localhost", "127.0.0.1"}
+    remote = sorted(executor_hosts(spark) - local)
+    if remote:
+        raise TableCopyError(
+            f"{folder} is on this driver's local disk, and the cluster's executors run on other hosts "
+            f"({', '.join(remote[:3])}{', ...' if len(remote) > 3 else ''}): they would write the table's rows to "
+            "their own disks. Copy tables to storage every node sees: set the volume widget to a Unity Catalog volume "
+            "(/Volumes/<catalog>/<schema>/<volume>), or local_training_root to a shared filesystem"
+        )
 
 
 # ---- multi-node ----

@@ -3,8 +3,9 @@
 The Trainer writes a checkpoint in pieces, from every rank (the model, each rank's optimizer partition and RNG
 state, then the trainer state from rank 0). A run killed part-way leaves a folder that can look whole: rank 0 may
 have written ``trainer_state.json`` while another rank's files are missing. So after each save every rank waits
-at a barrier, and only then rank 0 writes ``checkpoint_complete.json`` (atomically). Resuming trusts only marked
-checkpoints, and takes the one with the highest step number.
+at a barrier, and only then rank 0 writes ``checkpoint_complete.json`` (atomically), naming every file of the
+checkpoint with its size (:mod:`training.folder_commit`: on a volume a file can be listed before all of it has
+arrived). Resuming trusts only checkpoints so marked, and takes the one with the highest step number.
 
 Old checkpoints are rotated out here too, after the new one is marked, and only complete ones count: the
 Trainer's own rotation runs before the save is known to be whole, and could delete the last good checkpoint.
@@ -12,7 +13,6 @@ Trainer's own rotation runs before the save is known to be whole, and could dele
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -22,6 +22,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from .. import folder_commit
 from .distributed import barrier, is_main_process
 
 logger = logging.getLogger(__name__)
@@ -30,28 +31,14 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 COMPLETE_MARKER = "checkpoint_complete.json"
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that a reader (or a crash) sees either nothing or all of it."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
 def checkpoint_step(path: Path) -> int | None:
     match = CHECKPOINT_PATTERN.match(path.name)
     return int(match.group(1)) if match and path.is_dir() else None
 
 
 def is_complete(checkpoint: Path) -> bool:
-    return (checkpoint / COMPLETE_MARKER).exists()
+    """Marked complete, with every file the marker names there at its size (a copy still arriving is not)."""
+    return folder_commit.is_complete(checkpoint, COMPLETE_MARKER)
 
 
 def checkpoint_folders(output_dir: str | os.PathLike) -> list[Path]:
@@ -114,7 +101,8 @@ class CheckpointCompletion(TrainerCallback):
         if is_main_process() and checkpoint.is_dir():
             if self.write_beside is not None:
                 self.write_beside(checkpoint)
-            record = {"global_step": state.global_step, "world_size": args.world_size}
-            write_atomically(checkpoint / COMPLETE_MARKER, json.dumps(record) + "\n")
+            folder_commit.mark_complete(
+                checkpoint, COMPLETE_MARKER, global_step=state.global_step, world_size=args.world_size
+            )
             logger.info("Checkpoint %s complete", checkpoint)
             rotate_checkpoints(args.output_dir, self.save_total_limit)

@@ -24,8 +24,9 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..folder_commit import write_atomically
 from ..settings import SettingsError, TrainSettings
-from .checkpoints import COMPLETE_MARKER, checkpoint_step, write_atomically
+from .checkpoints import COMPLETE_MARKER, checkpoint_step
 from .handoff import on_main_process
 from .run_record import RUN_CONFIG_NAME
 

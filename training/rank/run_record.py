@@ -21,8 +21,8 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..folder_commit import write_atomically
 from ..settings import SettingsError, TrainSettings, replayed_names, setting_fields
-from .checkpoints import write_atomically
 from .distributed import is_main_process
 
 logger = logging.getLogger(__name__)

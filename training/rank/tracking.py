@@ -136,8 +136,8 @@ def note_logged_model(run: Any, output_dir: Path, logged: Any, registered_name: 
     them) and, when registered, as the run's tag ``dolly.registered_model`` (``NAME/VERSION``)."""
     import mlflow
 
+    from ..folder_commit import write_atomically
     from ..saved_model.model_card import MLFLOW_MODEL_RECORD, write_model_card
-    from .checkpoints import write_atomically
 
     record: dict[str, Any] = {"model_uri": logged.model_uri, "run_id": run.info.run_id}
     version = getattr(logged, "registered_model_version", None)
