@@ -253,19 +253,50 @@ def test_signal_handlers_are_given_back(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_a_stop_file_older_than_the_run_is_removed_at_start_and_a_new_one_kept(tmp_path, caplog):
-    from training.rank.stopping import process_started
+def test_a_stop_file_is_tied_to_its_launch_not_to_clocks(tmp_path, caplog):
+    """At start, a stop file naming this launch is kept (the ranks stop before their first step); one naming another
+    launch, or none, is removed with a log line, however new it is. During the run, one naming this launch or none
+    asks; one naming another launch does not."""
+    import json
 
     stop_file = tmp_path / STOP_FILE_NAME
-    stop_file.write_text("{}")
-    before = process_started() - 60
-    os.utime(stop_file, (before, before))  # left by a notebook that died before this process started
-    with StopRequests(tmp_path, grace_period_s=60):
-        assert not stop_file.exists()
-    assert "before this run started" in caplog.text and "not a stop request to it" in caplog.text
-    stop_file.write_text("{}")  # written while this run runs: a request
-    with StopRequests(tmp_path, grace_period_s=60) as requests:
+    stop_file.write_text(json.dumps({"launch_id": "this"}))
+    with StopRequests(tmp_path, grace_period_s=60, launch_id="this") as requests:
         assert stop_file.exists() and requests.stop_file_asks()
+    assert "it came before the ranks started, so they stop before their first step" in caplog.text
+    for left_over in ({"launch_id": "earlier"}, {}):
+        stop_file.write_text(json.dumps(left_over))  # written a moment ago: the clock has no say
+        with StopRequests(tmp_path, grace_period_s=60, launch_id="this") as requests:
+            assert not stop_file.exists() and not requests.stop_file_asks()
+    assert "a stop request to launch earlier, not to this launch (this)" in caplog.text
+    assert "a stop request to no launch in particular" in caplog.text
+    with StopRequests(tmp_path, grace_period_s=60, launch_id="this") as requests:
+        stop_file.write_text(json.dumps({"launch_id": "another"}))
+        assert not requests.stop_file_asks()
+        stop_file.write_text("")  # `touch OUTPUT/.dolly-stop` while it runs
+        assert requests.stop_file_asks()
+        stop_file.write_text(json.dumps({"launch_id": "this"}))
+        assert requests.stop_file_asks()
+
+
+@pytest.mark.launch
+def test_a_stop_written_before_the_ranks_start_stops_them_before_any_step_and_says_nothing_was_trained(
+    tiny_model_dir, sample_path, tmp_path
+):
+    """The notebook's stop for this launch, written while Spark schedules the ranks: they start, stop before their
+    first step, write nothing, and the launch's error says there is nothing to resume."""
+    from training.driver.launch_outcome import request_stop, stopped_error
+
+    out = tmp_path / "out"
+    request_stop(out, "launch-a")
+    args = zero3_run_args(tiny_model_dir, sample_path, out, "--launch-id", "launch-a")
+    run = run_trainer(args, ranks=2, launcher="deepspeed")  # it passes the ranks' exit code on
+    log = run.stdout + run.stderr
+    assert run.returncode == STOPPED_EXIT_CODE, log[-4000:]
+    assert "stopped before its first step: nothing was trained, there is nothing to resume" in log
+    assert "'loss'" not in log and not list(out.glob("checkpoint-*")) and not is_finished_output(out)
+    assert not (out / STOP_FILE_NAME).exists()  # answered
+    assert "nothing was trained, there is nothing to resume; launch it again" in str(stopped_error(out, "a stop"))
 
 
 @pytest.mark.launch
@@ -289,11 +320,10 @@ def test_a_stop_on_an_evaluation_step_saves_without_evaluating_and_a_stale_stop_
     assert_stopped_with_a_checkpoint(out, log, step=2)
     assert "eval_loss" not in log  # step 2 is an evaluation step: the checkpoint came without the evaluation
 
-    (out / STOP_FILE_NAME).write_text("{}")  # a notebook that died before taking its stop back, a while ago
-    os.utime(out / STOP_FILE_NAME, (time.time() - 60, time.time() - 60))
+    (out / STOP_FILE_NAME).write_text('{"launch_id": "an-earlier-launch"}')  # a notebook that died before taking it back
     resumed = run_trainer(args + ["--resume"], ranks=2)
     assert_ok(resumed)
-    assert "not a stop request to it" in resumed.stdout + resumed.stderr
+    assert "a stop request to launch an-earlier-launch, not to this launch" in resumed.stdout + resumed.stderr
     assert is_finished_output(out) and (out / "checkpoint-4" / COMPLETE_MARKER).exists()
 
 

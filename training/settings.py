@@ -268,6 +268,12 @@ class TrainSettings:
         replayed=False,
         help="Let --resume continue on data that differs from the data the checkpoint was trained on.",
     )
+    launch_id: str | None = setting(
+        None,
+        replayed=False,
+        help="The launch this run belongs to (the notebook sets it): a stop file naming it stops the run, one naming "
+        "another launch is removed at start.",
+    )
     count_host_waits: bool = setting(
         False,
         kind="flag",

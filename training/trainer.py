@@ -92,7 +92,7 @@ def train(settings: TrainSettings | None = None, **kwargs) -> Path:
         resume = None
         if checkpoint is not None:  # on another number of ranks: the global batch kept (prepare makes it loadable)
             settings, resume = resume_point(settings, checkpoint, world_size())
-        with StopRequests(output_dir, settings.stop_grace_period) as stops:
+        with StopRequests(output_dir, settings.stop_grace_period, settings.launch_id) as stops:
             prepared = prepare(settings, resume)
             stop_if_asked(stops, prepared, step=resume.step if resume else 0)
             resumed_from = earlier_mlflow_run(output_dir, settings)
@@ -112,7 +112,7 @@ def stop_if_asked(stops: StopRequests, prepared: PreparedRun, *, step: int) -> N
         return
     barrier()
     stops.done()
-    raise RunStopped(step, stops.reason or "")
+    raise RunStopped(step, stops.reason or "", nothing_trained=step == 0 and prepared.resume is None)
 
 
 def earlier_mlflow_run(output_dir: Path, settings: TrainSettings) -> str | None:

@@ -71,7 +71,9 @@ def _tee(source: IO[bytes], sink: IO[str], tail: deque[str]) -> None:
         tail.append(pending)
 
 
-def run_launcher(command: list[str], output_dir: str | os.PathLike, *, cwd: Path, env: dict[str, str]) -> None:
+def run_launcher(
+    command: list[str], output_dir: str | os.PathLike, *, cwd: Path, env: dict[str, str], launch_id: str | None = None
+) -> None:
     """Run ``command``, streaming its output; raise ``TrainingFailedError`` unless it leaves a finished model.
 
     An interrupt (Ctrl-C, an interrupted notebook cell, SIGTERM to this process) asks the ranks to stop after their
@@ -86,12 +88,15 @@ def run_launcher(command: list[str], output_dir: str | os.PathLike, *, cwd: Path
     )
     record = record_launch(process.pid, output_dir, shlex.join(command))
     try:
-        _wait_for_launcher(process, output_dir, started=time.time() - 1.0)  # (a second for a coarse clock)
+        # (a second for a coarse clock)
+        _wait_for_launcher(process, output_dir, started=time.time() - 1.0, launch_id=launch_id)
     finally:
         record.unlink(missing_ok=True)
 
 
-def _wait_for_launcher(process: subprocess.Popen, output_dir: str | os.PathLike, *, started: float) -> None:
+def _wait_for_launcher(
+    process: subprocess.Popen, output_dir: str | os.PathLike, *, started: float, launch_id: str | None = None
+) -> None:
     """Stream a started launch's output until it and its ranks end; raise as :func:`run_launcher` says.
 
     The ranks can outlive their launcher (DeepSpeed's runner exits at once on SIGTERM; its ranks finish their step,
@@ -107,7 +112,7 @@ def _wait_for_launcher(process: subprocess.Popen, output_dir: str | os.PathLike,
         reader.start()
     try:
         returncode, stop_requested = wait_stopping_on_interrupt(
-            process.wait, output_dir, stop_at_once=lambda: end_process_group(process)
+            process.wait, output_dir, stop_at_once=lambda: end_process_group(process), launch_id=launch_id
         )
     except BaseException:
         end_process_group(process)
@@ -209,4 +214,4 @@ def launch_training(plan: LaunchPlan, *, spark=None) -> None:
         return
     env = dict(os.environ)
     env["PYTHONPATH"] = str(PROJECT_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    run_launcher(launcher_command(plan), plan.output_dir, cwd=PROJECT_ROOT, env=env)
+    run_launcher(launcher_command(plan), plan.output_dir, cwd=PROJECT_ROOT, env=env, launch_id=plan.launch_id)

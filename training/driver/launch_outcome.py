@@ -20,9 +20,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+from ..folder_commit import write_atomically
 from ..rank.checkpoints import checkpoint_step, list_checkpoints
 from ..rank.saving import LOADER_ENTRY_FILES
-from ..rank.stopping import STOP_FILE_NAME
+from ..rank.stopping import NOTHING_TRAINED, STOP_FILE_NAME
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -62,17 +63,27 @@ def signals_as_interrupt() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-def request_stop(output_dir: str | os.PathLike) -> Path:
-    """Ask every rank of the run writing to ``output_dir`` to stop after its step: the stop file rank 0 checks at
-    each step's end (the folder is on storage every node sees)."""
+def request_stop(output_dir: str | os.PathLike, launch_id: str | None = None) -> Path:
+    """Ask every rank of the launch ``launch_id`` writing to ``output_dir`` to stop after its step: the stop file
+    rank 0 checks at each step's end (the folder is on storage every node sees), naming the launch it stops. Ranks
+    that have not started yet stop before their first step."""
     path = Path(output_dir) / STOP_FILE_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"requested_by": f"pid {os.getpid()} on {socket.gethostname()}", "at": time.time()}))
+    request = {
+        "launch_id": launch_id,
+        "requested_by": f"pid {os.getpid()} on {socket.gethostname()}",
+        "at": time.time(),
+    }
+    write_atomically(path, json.dumps(request))
     return path
 
 
 def wait_stopping_on_interrupt(
-    wait: Callable[[], T], output_dir: str | os.PathLike, *, stop_at_once: Callable[[], None]
+    wait: Callable[[], T],
+    output_dir: str | os.PathLike,
+    *,
+    stop_at_once: Callable[[], None],
+    launch_id: str | None = None,
 ) -> tuple[T, bool]:
     """``wait()`` for a launch to end. The first interrupt asks its ranks to stop after their step (and waits on);
     a second calls ``stop_at_once``. Returns what ``wait`` returned and whether a stop was asked for."""
@@ -88,7 +99,7 @@ def wait_stopping_on_interrupt(
                         stop_at_once()
                         continue
                     stop_requested = True
-                    request_stop(output_dir)
+                    request_stop(output_dir, launch_id)
                     logger.warning(
                         "Interrupted: the ranks stop after their current step and write a checkpoint there "
                         "(interrupt again to stop at once)"
@@ -101,7 +112,11 @@ def wait_stopping_on_interrupt(
 def stopped_error(output_dir: str | os.PathLike, how: str) -> TrainingStopped:
     """The error a stopped launch raises: where it stopped, and how to go on."""
     complete = list_checkpoints(output_dir)
-    where = f"stopped at step {checkpoint_step(complete[-1])}" if complete else "stopped before its first checkpoint"
+    if not complete:
+        return TrainingStopped(
+            f"training stopped before its first checkpoint ({how}): {NOTHING_TRAINED}; launch it again to start over"
+        )
+    where = f"stopped at step {checkpoint_step(complete[-1])}"
     return TrainingStopped(
         f"training {where} ({how}): run again with --resume and --local-output-dir {output_dir} to continue (in the "
         f"notebook: resume_run={Path(output_dir).name})"
@@ -133,5 +148,6 @@ def published_since(output_dir: str | os.PathLike, started: float) -> bool:
 
 
 def ranks_reported_a_stop(lines: list[str]) -> bool:
-    """Whether the ranks' last lines say they stopped on request (``... run again with --resume``)."""
-    return any("run again with --resume" in line for line in lines)
+    """Whether the ranks' last lines say they stopped on request (``... run again with --resume``, or before their
+    first step)."""
+    return any("run again with --resume" in line or NOTHING_TRAINED in line for line in lines)

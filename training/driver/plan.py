@@ -7,8 +7,10 @@ values, never searched for or rewritten.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
+import uuid
 from dataclasses import dataclass
 
 from ..settings import TrainSettings
@@ -25,7 +27,10 @@ def free_port() -> int:
 
 @dataclass(frozen=True)
 class LaunchPlan:
-    """What to launch (``settings``) and how: the launcher, processes per node, nodes, and the rendezvous port."""
+    """What to launch (``settings``) and how: the launcher, processes per node, nodes, and the rendezvous port.
+
+    Each plan is one launch, with an id of its own (``settings.launch_id``, given to every rank as ``--launch-id``):
+    the stop file names the launch it stops (see ``training.rank.stopping``)."""
 
     settings: TrainSettings
     launcher: str = "deepspeed"  # deepspeed, torchrun (one node each), or spark (num_nodes Spark workers)
@@ -48,6 +53,12 @@ class LaunchPlan:
             raise ValueError(f"processes_per_node must be at least 1, got {self.processes_per_node}")
         if not self.use_gpu and self.processes_per_node is None and self.launcher != "spark":
             raise ValueError("without GPUs, say how many processes each node runs (processes_per_node)")
+        if self.settings.launch_id is None:
+            object.__setattr__(self, "settings", dataclasses.replace(self.settings, launch_id=uuid.uuid4().hex[:16]))
+
+    @property
+    def launch_id(self) -> str:
+        return self.settings.launch_id
 
     @property
     def output_dir(self) -> str:

@@ -327,7 +327,7 @@ def train_on_spark(plan: LaunchPlan, spark: Any) -> None:
     worker = threading.Thread(target=run, name="spark-distributor", daemon=True)
     worker.start()
     _, stop_requested = wait_stopping_on_interrupt(
-        worker.join, plan.output_dir, stop_at_once=spark.sparkContext.cancelAllJobs
+        worker.join, plan.output_dir, stop_at_once=spark.sparkContext.cancelAllJobs, launch_id=plan.launch_id
     )
     error = outcome.get("error")
     if error is not None and stop_requested:

@@ -11,8 +11,11 @@ How a stop travels:
   stops after the same step; the Trainer then saves a checkpoint there (marked complete once every rank wrote its
   part) and leaves its loop. The run publishes nothing, exits with :data:`STOPPED_EXIT_CODE`, and its last log line
   is "stopped at step N: run again with --resume". A stop on an evaluation step saves without evaluating.
-- **Stale requests.** A stop file older than the run (its launcher's start) is removed at start, with a log line:
-  a notebook that died before taking its stop back must not stop the next ``--resume``.
+- **Whose stop.** A stop is tied to its launch, not to clocks: each launch has an id (``--launch-id``, from the launch
+  plan), and the stop file names the launch it stops. A stop file for this launch found at start (written while Spark
+  was still scheduling the ranks, or a cluster scaling up) stops the ranks before their first step; one naming
+  another launch, or none, found at start is removed with a log line (a notebook that died before taking its stop
+  back must not stop the next ``--resume``). During the run, a stop file naming this launch or none (``touch``) asks.
 - **At once.** A second signal (more than :data:`SAME_STOP_WITHIN_S` after the first: launchers pass one signal on
   as another) or the grace period running out (``--stop-grace-period``) ends the rank at once, leaving the last
   complete checkpoint as it is.
@@ -20,6 +23,7 @@ How a stop travels:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -38,6 +42,7 @@ logger = logging.getLogger(__name__)
 # EX_TEMPFAIL (sysexits.h): a temporary failure, the user is invited to retry; here, to run again with --resume.
 STOPPED_EXIT_CODE = 75
 STOP_FILE_NAME = ".dolly-stop"
+NOTHING_TRAINED = "nothing was trained, there is nothing to resume"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Launchers pass a stop on: Ctrl-C reaches every process of the group, then DeepSpeed's launch.py sends SIGTERM too.
 SAME_STOP_WITHIN_S = 2.0
@@ -49,8 +54,12 @@ LAUNCHER_MARKS = ("deepspeed.launcher", "bin/deepspeed", "torch.distributed.run"
 class RunStopped(Exception):
     """The run stopped on request after a complete checkpoint at ``step``; nothing was published."""
 
-    def __init__(self, step: int, reason: str):
-        super().__init__(f"stopped at step {step}: run again with --resume ({reason})")
+    def __init__(self, step: int, reason: str, *, nothing_trained: bool = False):
+        if nothing_trained:
+            message = f"stopped before its first step: {NOTHING_TRAINED} ({reason})"
+        else:
+            message = f"stopped at step {step}: run again with --resume ({reason})"
+        super().__init__(message)
         self.step = step
         self.reason = reason
 
@@ -80,13 +89,6 @@ def launcher_ancestors() -> list[Launcher]:
     return found
 
 
-def process_started() -> float:
-    """When this process started (seconds since the epoch)."""
-    import psutil
-
-    return psutil.Process().create_time()
-
-
 def launcher_alive(launcher: Launcher) -> bool:
     import psutil
 
@@ -100,9 +102,10 @@ class StopRequests:
     """This rank's stop requests (signals, the stop file, the launcher's exit), and stopping at once when asked twice
     or when the grace period is over. A context manager: signal handlers and the launcher watch are undone on exit."""
 
-    def __init__(self, output_dir: str | os.PathLike, grace_period_s: float):
+    def __init__(self, output_dir: str | os.PathLike, grace_period_s: float, launch_id: str | None = None):
         self.stop_file = Path(output_dir) / STOP_FILE_NAME
         self.grace_period_s = grace_period_s
+        self.launch_id = launch_id
         self.reason: str | None = None
         self.training = False  # set when the Trainer's loop begins (StopAtStepEnd)
         self._first_at: float | None = None
@@ -147,9 +150,25 @@ class StopRequests:
         elif time.monotonic() - (self._first_at or 0.0) > SAME_STOP_WITHIN_S:
             self.stop_now(f"a second signal ({name})")
 
+    def stop_file_launch(self) -> tuple[bool, str | None]:
+        """Whether the stop file is there, and the launch it names (None: none, or unreadable yet)."""
+        try:
+            text = self.stop_file.read_text()
+        except FileNotFoundError:
+            return False, None
+        except OSError:
+            return True, None
+        try:
+            named = json.loads(text).get("launch_id")
+        except (ValueError, AttributeError):
+            named = None
+        return True, named
+
     def stop_file_asks(self) -> bool:
-        """Whether the output folder's stop file asks this run to stop (read by the main process)."""
-        return self.stop_file.exists()
+        """Whether the output folder's stop file asks this run to stop (read by the main process): it names this
+        launch, or none."""
+        there, named = self.stop_file_launch()
+        return there and named in (None, self.launch_id)
 
     def agreed(self, device: torch.device | str = "cpu") -> bool:
         """Whether any rank has a stop request: collective, call it on every rank at the same point."""
@@ -177,30 +196,37 @@ class StopRequests:
                 self.request(f"the launcher that started this rank exited (pid {gone.pid}: {gone.command})")
                 return
 
-    def remove_stale_stop_file(self, run_started: float) -> None:
-        """A stop file written before this run began (a notebook that died before taking its stop back) is not a
-        request to this run: the main process removes it, and says so."""
+    def settle_stop_file_at_start(self) -> None:
+        """The stop file found as the run starts (main process): kept when it names this launch (the ranks then stop
+        before their first step), removed with a log line otherwise (it stops another launch, or names none: no one
+        could name this launch before it began)."""
         if not is_main_process():
             return
-        try:
-            written = self.stop_file.stat().st_mtime
-        except FileNotFoundError:
+        there, named = self.stop_file_launch()
+        if not there:
             return
-        if written < run_started:
-            self.stop_file.unlink(missing_ok=True)
+        if named is not None and named == self.launch_id:
             logger.warning(
-                "Removed %s: written %s, before this run started (%s), so not a stop request to it",
+                "%s asks this launch (%s) to stop: it came before the ranks started, so they stop before their first "
+                "step",
                 self.stop_file,
-                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(written)),
-                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run_started)),
+                named,
             )
+            return
+        self.stop_file.unlink(missing_ok=True)
+        logger.warning(
+            "Removed %s: a stop request to %s, not to this launch (%s)",
+            self.stop_file,
+            f"launch {named}" if named else "no launch in particular, left from before this launch began",
+            self.launch_id or "unnamed",
+        )
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
                 self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
         launchers = launcher_ancestors()
-        self.remove_stale_stop_file(min([launcher.started for launcher in launchers] or [process_started()]))
+        self.settle_stop_file_at_start()
         if launchers:
             threading.Thread(target=self._watch_launchers, args=(launchers,), daemon=True).start()
         return self
