@@ -156,10 +156,10 @@ launch_training(plan, spark=spark)
 
 # COMMAND ----------
 
-from training.driver.notebook import driver_generation_problem
+from training.driver.notebook import driver_generation_problem, loadable_model_dir
 from training.generate import generate_response, load_model_tokenizer_for_generate
 
-trained_model_dir = paths.dbfs_output_dir or paths.local_output_dir
+trained_model_dir = loadable_model_dir(paths)  # the output's copy when it is complete, else the output folder
 # The cells below answer and evaluate in this notebook's process, as Dolly's did; where it has no GPU but the run
 # trained on GPUs (a multi-node cluster's CPU driver), they say why and skip.
 skip_generation = driver_generation_problem(gpu_family, trained_model_dir)

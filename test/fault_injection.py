@@ -20,6 +20,8 @@
 - ``kill-while-converting:0``: on a resume on another number of ranks, the main process kills itself (SIGKILL) while
   it converts the checkpoint, :data:`PAUSE_S` into it (the other ranks are waiting for it by then).
 - ``packing-check-fails-on-rank:R``: rank R's packing self-check reports a failure (the others' pass).
+- ``slow-mlflow-upload:S``: logging the MLflow model (rank 0, while publishing) takes S seconds more, as an upload
+  of a large model to a slow store does.
 
 ``DOLLY_FAULT_PAUSE_S`` sets :data:`PAUSE_S` (a step longer than a launcher's 30 seconds, say);
 ``DOLLY_FAULT_SILENT_S`` sets how long a waiting rank gives a silent main process (``handoff.SILENT_LIMIT_S``).
@@ -142,6 +144,18 @@ def kill_while_converting() -> None:
     elastic._make_loadable_here = make_loadable_here
 
 
+def slow_mlflow_upload(seconds: float) -> None:
+    import training.saved_model.mlflow_model as mlflow_model
+
+    real_log = mlflow_model.log_pipeline_model
+
+    def log_pipeline_model(*args, **kwargs):
+        time.sleep(seconds)
+        return real_log(*args, **kwargs)
+
+    mlflow_model.log_pipeline_model = log_pipeline_model  # publish imports it from the module when it logs
+
+
 if __name__ == "__main__":
     dolly_trainer.DollyTrainer = FaultyTrainer  # what run_training builds
     if "DOLLY_FAULT_SILENT_S" in os.environ:
@@ -152,4 +166,6 @@ if __name__ == "__main__":
         kill_while_converting()
     if _fault()[0] == "packing-check-fails-on-rank":
         fail_packing_check_on(_fault()[1])
+    if _fault()[0] == "slow-mlflow-upload":
+        slow_mlflow_upload(_fault()[1])
     run_cli()

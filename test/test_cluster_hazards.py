@@ -129,6 +129,38 @@ def test_two_notebook_runs_at_once_each_finish_with_their_own_model(tiny_model_d
     assert ports[0] != ports[1]  # each run its own rendezvous, not DeepSpeed's default 29500
 
 
+@pytest.mark.launch
+def test_a_publish_longer_than_the_collective_timeout_ends_with_every_rank_exited_0_and_a_complete_copy(
+    tiny_model_dir, sample_path, tmp_path
+):
+    """Rank 0 logs the MLflow model for 25 s (a slow upload) with collectives timing out after 12 s: the other rank
+    waits through the hand-off's heartbeat, not a collective, so every rank exits 0 and the copy is complete."""
+    from helpers import assert_ok, run_trainer, zero3_run_args
+
+    from training.folder_commit import is_complete
+
+    out, copy = tmp_path / "out", tmp_path / "volume" / "copy"
+    args = zero3_run_args(
+        tiny_model_dir,
+        sample_path,
+        out,
+        "--max-steps",
+        "2",
+        "--collective-timeout",
+        "12",
+        "--dbfs-output-dir",
+        str(copy),
+        mlflow=True,
+    )
+    env = {"DOLLY_FAULT": "slow-mlflow-upload:25", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    run = run_trainer(args, ranks=2, launcher="deepspeed", module="fault_injection", env=env)
+    assert_ok(run)
+    log = run.stdout + run.stderr
+    assert log.count("exits successfully") == 2 and "Timed out" not in log, log[-3000:]  # both ranks exited 0
+    assert is_complete(copy) and (copy / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    assert not list(copy.parent.glob(".building-*"))
+
+
 def test_each_launch_picks_its_own_port_unless_one_is_given(tmp_path, monkeypatch):
     settings = TrainSettings(local_output_dir=str(tmp_path))
     monkeypatch.delenv("MASTER_PORT", raising=False)

@@ -320,7 +320,9 @@ def test_a_stop_on_an_evaluation_step_saves_without_evaluating_and_a_stale_stop_
     assert_stopped_with_a_checkpoint(out, log, step=2)
     assert "eval_loss" not in log  # step 2 is an evaluation step: the checkpoint came without the evaluation
 
-    (out / STOP_FILE_NAME).write_text('{"launch_id": "an-earlier-launch"}')  # a notebook that died before taking it back
+    (out / STOP_FILE_NAME).write_text(
+        '{"launch_id": "an-earlier-launch"}'
+    )  # a notebook that died before taking it back
     resumed = run_trainer(args + ["--resume"], ranks=2)
     assert_ok(resumed)
     assert "a stop request to launch an-earlier-launch, not to this launch" in resumed.stdout + resumed.stderr

@@ -90,11 +90,22 @@ def building_folder(target: Path) -> Path:
     return target.with_name(f"{BUILDING_PREFIX}{target.name}@{socket.gethostname()}@{os.getpid()}")
 
 
-def commit(building: Path, target: Path, marker_name: str = MARKER_NAME) -> bool:
+def commit(building: Path, target: Path, marker_name: str = MARKER_NAME, *, replace: bool = False) -> bool:
     """Move a marked ``building`` folder to ``target``. Returns False (and removes ``building``) when another process
-    committed a complete ``target`` first; a ``target`` left incomplete by an interrupted copy is replaced."""
+    committed a complete ``target`` first; a ``target`` left incomplete by an interrupted copy is replaced. With
+    ``replace``, a complete ``target`` is replaced too (moved aside first, removed after)."""
     if read_marker(building, marker_name) is None:
         raise RuntimeError(f"{building} is not marked complete: mark it before committing it")
+    if replace and target.exists():
+        aside = target.with_name(f"{BUILDING_PREFIX}{target.name}-replaced@{socket.gethostname()}@{os.getpid()}")
+        target.rename(aside)
+        try:
+            building.rename(target)
+        except OSError:
+            aside.rename(target)  # the earlier copy stays
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
+        return True
     for _ in range(2):
         try:
             building.rename(target)

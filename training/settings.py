@@ -268,6 +268,12 @@ class TrainSettings:
         replayed=False,
         help="Let --resume continue on data that differs from the data the checkpoint was trained on.",
     )
+    collective_timeout: float | None = setting(
+        None,
+        check=above_zero,
+        help="Longest a rank waits at a collective (a checkpoint's save, where the main process writes the gathered "
+        "16-bit model), in seconds; default: from the model's size at a slow storage rate, at least 30 minutes.",
+    )
     launch_id: str | None = setting(
         None,
         replayed=False,

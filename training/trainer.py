@@ -82,7 +82,7 @@ def train(settings: TrainSettings | None = None, **kwargs) -> Path:
         settings = dataclasses.replace(settings, **kwargs)
     output_dir = Path(settings.local_output_dir)
     check_registry(settings)  # a name the registry would refuse, refused now rather than after training
-    with run_lock(output_dir, is_main_process()):
+    with run_lock(output_dir, is_main_process(), settings.launch_id):
         checkpoint = prepare_output_dir(
             output_dir,
             resume=settings.resume,

@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ..folder_commit import is_complete, mark_complete
 from ..saved_model.consts import DEFAULT_INPUT_MODEL, DEFAULT_TRAINING_DATASET, SUGGESTED_INPUT_MODELS
 from ..settings import TrainSettings
 from .plan import LaunchPlan
@@ -433,10 +434,24 @@ def evaluate_run(
     result = evaluate(
         paths.local_output_dir, training_dataset, baseline=baseline, answered=answered, benchmarks=benchmarks
     )
-    if paths.dbfs_output_dir:
+    if paths.dbfs_output_dir and is_complete(paths.dbfs_output_dir):
         for name in (EVALUATION_NAME, CARD_NAME):
             shutil.copy2(Path(paths.local_output_dir) / name, Path(paths.dbfs_output_dir) / name)
+        mark_complete(paths.dbfs_output_dir, source=paths.local_output_dir)  # the card changed: marked anew
     return result
+
+
+def loadable_model_dir(paths: RunPaths) -> str:
+    """Where the notebook loads the trained model from: the output's copy (a volume, or DBFS) when it is complete
+    (its marker names every file with its size), else the output folder itself, saying why."""
+    copy = paths.dbfs_output_dir
+    if not copy:
+        return paths.local_output_dir
+    if is_complete(copy):
+        print(f"Loading the trained model from its copy {copy} (complete: every file at its size)")
+        return copy
+    print(f"The copy {copy} is not complete (a copy cut short, or still arriving); loading {paths.local_output_dir}")
+    return paths.local_output_dir
 
 
 def prepare_training_data(settings: TrainSettings) -> None:

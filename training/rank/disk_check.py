@@ -10,6 +10,7 @@ model built from the model's config, which needs no weights.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import shutil
@@ -40,6 +41,9 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 HUB_TOKENIZER_BYTES = 5 * 2**20  # a hub model's tokenizer files, not known before download: a few MB
+# The slowest write rate a checkpoint may meet: one stream through FUSE to object storage (a volume, DBFS).
+SLOWEST_WRITE_BYTES_PER_S = 50 * 10**6
+DEFAULT_COLLECTIVE_TIMEOUT_S = 1800  # torch's own default
 
 
 def human_size(size: float) -> str:
@@ -105,6 +109,7 @@ def lora_parameter_count(model, settings: TrainSettings) -> int:
     return adapted + 3 * hidden * 2  # Dolly's three tokens, input and output rows
 
 
+@functools.lru_cache(maxsize=2)
 def parameter_counts(settings: TrainSettings) -> ParameterCounts:
     """The model's parameters (and those a LoRA run trains), from its config alone."""
     from accelerate import init_empty_weights
@@ -152,6 +157,21 @@ def final_model_bytes(counts: ParameterCounts, settings: TrainSettings, precisio
     model = counts.total * weights if (settings.lora_r == 0 or settings.merge_lora) else 0
     adapter = counts.trainable * weights if settings.lora_r > 0 else 0
     return model + adapter + tokenizer_bytes(settings.input_model) + CHECKPOINT_FIXED_BYTES
+
+
+def collective_timeout_s(settings: TrainSettings, precision: str, world_size: int) -> int:
+    """How long a rank may wait at a collective: ``--collective-timeout``, else from the work the longest wait covers.
+
+    At a checkpoint the main process writes the gathered 16-bit model and its own part of the checkpoint while the
+    other ranks wait at the next collective; at the slowest storage rate (:data:`SLOWEST_WRITE_BYTES_PER_S`), twice
+    over, and never below torch's 30 minutes. (The finished model's publish waits through a hand-off instead.)"""
+    if settings.collective_timeout:
+        return int(settings.collective_timeout)
+    counts = parameter_counts(settings)
+    written = final_model_bytes(counts, settings, precision) + checkpoint_bytes(
+        counts, settings, precision, world_size
+    ) / max(1, world_size)
+    return max(DEFAULT_COLLECTIVE_TIMEOUT_S, int(2 * written / SLOWEST_WRITE_BYTES_PER_S))
 
 
 def planned_steps(settings: TrainSettings, train_records: int, world_size: int) -> int:

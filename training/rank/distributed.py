@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import NoReturn
 
@@ -24,7 +25,7 @@ def launched_by_deepspeed_on_cpu(deepspeed_config: str | None) -> bool:
     return bool(deepspeed_config) and not torch.cuda.is_available() and int(os.environ.get("LOCAL_RANK", -1)) != -1
 
 
-def accelerator_config_for(deepspeed_config: str | None) -> dict | None:
+def accelerator_config_for(deepspeed_config: str | None, timeout_s: float | None = None) -> dict | None:
     """The ``accelerator_config`` for ``TrainingArguments``: a pre-configured gloo state on CPU; on a GPU, batches
     copied to the device without the host waiting for it (the data loader pins them); else the default."""
     if not launched_by_deepspeed_on_cpu(deepspeed_config):
@@ -33,7 +34,7 @@ def accelerator_config_for(deepspeed_config: str | None) -> dict | None:
 
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     try:
-        PartialState(backend="gloo")
+        PartialState(backend="gloo", **({"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}))
     finally:
         del os.environ["ACCELERATE_USE_DEEPSPEED"]
     return {"use_configured_state": True}

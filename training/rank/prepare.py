@@ -13,7 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArgum
 from ..prepared_data import split_held_out
 from ..settings import TrainSettings
 from .deepspeed_config import deepspeed_config_for
-from .disk_check import check_disk_for
+from .disk_check import check_disk_for, collective_timeout_s
 from .distributed import accelerator_config_for, forget_shared_memory_segment, world_size
 from .elastic import ResumePoint, make_loadable
 from .lora import LoraSettings, apply_lora
@@ -66,6 +66,7 @@ def training_arguments(settings: TrainSettings, precision: str, *, load_universa
     checkpoint (on another number of ranks, see training/rank/elastic.py).
     """
     gradient_checkpointing = settings.gradient_checkpointing
+    timeout = collective_timeout_s(settings, precision, world_size())
     return TrainingArguments(
         output_dir=settings.local_output_dir,
         per_device_train_batch_size=settings.per_device_train_batch_size,
@@ -77,7 +78,8 @@ def training_arguments(settings: TrainSettings, precision: str, *, load_universa
         num_train_epochs=settings.epochs,
         max_steps=settings.max_steps,
         deepspeed=deepspeed_config_for(settings.deepspeed, lora=settings.lora_r > 0, load_universal=load_universal),
-        accelerator_config=accelerator_config_for(settings.deepspeed),
+        accelerator_config=accelerator_config_for(settings.deepspeed, timeout_s=timeout),
+        ddp_timeout=timeout,
         activation_checkpointing=gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
         logging_strategy="steps",

@@ -12,6 +12,7 @@ from transformers import Trainer
 
 from ..saved_model.model_card import CARD_NAME, LOSS_PLOT_NAME, write_model_card
 from .distributed import is_main_process
+from .handoff import on_main_process
 from .lora import MERGED_ADAPTER_SUBDIR, merge_adapter
 from .run_record import RUN_CONFIG_NAME, RunRecorder
 from .saving import (
@@ -44,18 +45,48 @@ def save_trained_model(
     trust_remote_code: bool = False,
     recorder: RunRecorder | None = None,
 ) -> None:
-    """Save model, tokenizer, generation config and pipeline code: staged first, then moved into place.
+    """Save model, tokenizer, generation config and pipeline code: staged first, then moved into place (collective:
+    every rank saves its part of the weights; the main process writes the rest).
 
     A LoRA run saves its adapter; merged (the default), the output is a plain model with the adapter in ``adapter/``.
     """
+    staging = save_weights(trainer, tokenizer, output_dir)
+    if is_main_process():
+        finish_saving(
+            trainer,
+            tokenizer,
+            output_dir,
+            staging,
+            merge_lora=merge_lora,
+            trust_remote_code=trust_remote_code,
+            recorder=recorder,
+        )
+
+
+def save_weights(trainer: Trainer, tokenizer, output_dir: Path) -> Path:
+    """The trained weights saved into the staging folder (collective under ZeRO-3: every rank takes part)."""
     staging = output_dir / STAGING_DIR_NAME
     is_lora = hasattr(trainer.model, "peft_config")
     if not is_lora:
         add_pipeline_to_config(trainer.model, tokenizer)
     logger.info("Saving %s to %s", "adapter" if is_lora else "model", output_dir)
-    trainer.save_model(output_dir=str(staging))  # collective under ZeRO-3: every rank takes part
-    if not is_main_process():
-        return
+    trainer.save_model(output_dir=str(staging))
+    return staging
+
+
+def finish_saving(
+    trainer: Trainer,
+    tokenizer,
+    output_dir: Path,
+    staging: Path,
+    *,
+    merge_lora: bool = True,
+    trust_remote_code: bool = False,
+    recorder: RunRecorder | None = None,
+) -> None:
+    """The main process's part of saving: tokenizer, LoRA merge, pipeline code, loss history, record and card, then
+    the staged folder moved into place."""
+    is_lora = hasattr(trainer.model, "peft_config")
     save_tokenizer(tokenizer, staging)
     if is_lora and merge_lora:
         merged_staging = output_dir / f"{STAGING_DIR_NAME}-merged"
@@ -78,29 +109,44 @@ def save_trained_model(
 
 
 def publish(trainer: Trainer, prepared: PreparedRun, recorder: RunRecorder, tracking: Any) -> None:
-    """Save the finished model (all ranks), then its copy and its MLflow model (main process)."""
+    """Save the finished model's weights (all ranks), then, on the main process alone, the rest of it, its MLflow
+    model and its copy, while the other ranks wait through the bounded hand-off (a heartbeat, ``--wait-timeout``):
+    not a collective, whose timeout would end a publish longer than it (merging a 12b model, uploading it)."""
     settings = prepared.settings
     output_dir = Path(settings.local_output_dir)
     try:
-        save_trained_model(
-            trainer,
-            prepared.tokenizer,
-            output_dir,
-            merge_lora=settings.merge_lora,
-            trust_remote_code=settings.trust_remote_code,
-            recorder=recorder,
-        )
+        staging = save_weights(trainer, prepared.tokenizer, output_dir)
     except Exception as err:
         raise save_failed(err, "the finished model", output_dir) from err
-    if tracking is not None:
-        from ..saved_model.mlflow_model import log_pipeline_model
 
-        logged = log_pipeline_model(output_dir, registered_model_name=settings.register_model)  # its files only
-        note_logged_model(tracking, output_dir, logged, settings.register_model)  # the card names them
-        log_run_files(tracking, output_dir, [RUN_CONFIG_NAME, CARD_NAME, LOSS_PLOT_NAME])
-        if settings.mlflow_log_checkpoints:
-            log_checkpoints(tracking, output_dir)
-    if settings.dbfs_output_dir and is_main_process():  # last: the copy's card names the MLflow model
-        copy_to_dir(output_dir, settings.dbfs_output_dir)
-    trainer.accelerator.wait_for_everyone()  # no rank leaves while the main process is still writing
+    def publish_here() -> None:
+        try:
+            finish_saving(
+                trainer,
+                prepared.tokenizer,
+                output_dir,
+                staging,
+                merge_lora=settings.merge_lora,
+                trust_remote_code=settings.trust_remote_code,
+                recorder=recorder,
+            )
+        except Exception as err:
+            raise save_failed(err, "the finished model", output_dir) from err
+        if tracking is not None:
+            from ..saved_model.mlflow_model import log_pipeline_model
+
+            logged = log_pipeline_model(output_dir, registered_model_name=settings.register_model)  # its files only
+            note_logged_model(tracking, output_dir, logged, settings.register_model)  # the card names them
+            log_run_files(tracking, output_dir, [RUN_CONFIG_NAME, CARD_NAME, LOSS_PLOT_NAME])
+            if settings.mlflow_log_checkpoints:
+                log_checkpoints(tracking, output_dir)
+        if settings.dbfs_output_dir:  # last: the copy's card names the MLflow model
+            copy_to_dir(output_dir, settings.dbfs_output_dir)
+
+    on_main_process(
+        "publish",
+        publish_here,
+        timeout_s=settings.wait_timeout,
+        what="publish the finished model (its files, MLflow model and copy)",
+    )
     trainer.accelerator.free_memory()  # releases the DeepSpeed engine: its hooks, buffers and optimizer

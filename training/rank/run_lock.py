@@ -1,27 +1,36 @@
-"""One run per output folder: an exclusive lock that names its holder and dies with it.
+"""One run per output folder: an exclusive lock file that names its holder, with a heartbeat, that works where
+``flock`` does not.
 
-The lock is ``fcntl.flock`` on a file in the output folder, so the kernel releases it when the holding process
-ends, however it ends (``kill -9`` included): a killed run never leaves it stuck. The file records who holds it
-(host, pid, start time, command), so a second run is refused with a message naming the running one.
+The lock is a file created exclusively (``O_CREAT | O_EXCL``) in the output folder, naming its holder (launch id,
+host, pid, start time, command); while the run lives, a thread rewrites it every :data:`HEARTBEAT_S` with a growing
+beat count. ``flock`` is not used: on Unity Catalog volumes and DBFS (FUSE over object storage) a lock may hold on
+one node only, so two launches on two nodes would both get it. A second launch finds the file and is refused with a
+message naming the holder, unless the holder is gone: on the same host, its process has ended (a ``kill -9`` leaves
+the file, and the next launch takes it over at once); on another host, its beat count has not moved for
+:data:`STALE_AFTER_BEATS` beats (watched, not compared with any clock, since hosts' clocks differ).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import socket
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
 LOCK_FILE_NAME = ".dolly-run.lock"
+HEARTBEAT_S = float(os.environ.get("DOLLY_LOCK_HEARTBEAT_S", "10"))
+STALE_AFTER_BEATS = 3
 
 
 class OutputDirLockedError(RuntimeError):
@@ -34,13 +43,22 @@ def rendezvous() -> str | None:
     return f"{addr}:{port}" if addr and port else None
 
 
-def describe_holder(lock_path: Path) -> str:
-    """Who holds the lock, as the holder wrote it (or what is known when it could not be read)."""
+def read_holder(lock_path: Path) -> dict[str, Any] | None:
+    """What the holder wrote in the lock file (None when it cannot be read, or is being written)."""
     try:
         holder = json.loads(lock_path.read_text())
-        return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}: {holder['command']}"
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def describe_holder(lock_path: Path) -> str:
+    """Who holds the lock, as the holder wrote it (or what is known when it could not be read)."""
+    holder = read_holder(lock_path)
+    if holder is None:
         return "a process that has not written its details yet"
+    launch = f"launch {holder['launch_id']}, " if holder.get("launch_id") else ""
+    return f"{launch}pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}: {holder.get('command')}"
 
 
 def locked_error(output_dir: str | os.PathLike, lock_path: Path) -> OutputDirLockedError:
@@ -50,53 +68,105 @@ def locked_error(output_dir: str | os.PathLike, lock_path: Path) -> OutputDirLoc
     )
 
 
+def process_alive(pid: int, started: str | None) -> bool:
+    """Whether the process ``pid`` of this host is alive and is the one that started at ``started`` (ISO time)."""
+    import psutil
+
+    try:
+        created = psutil.Process(pid).create_time()
+    except psutil.Error:
+        return False
+    if not started:
+        return True
+    try:
+        return created <= datetime.fromisoformat(started).timestamp() + 2  # the holder wrote it after it began
+    except ValueError:
+        return True
+
+
+def holder_gone(lock_path: Path) -> bool:
+    """Whether the lock's holder is gone: on this host, its process has ended; elsewhere (or unreadable), its beat
+    count did not move while watched for :data:`STALE_AFTER_BEATS` beats."""
+    holder = read_holder(lock_path)
+    if holder is not None and holder.get("host") == socket.gethostname():
+        return not process_alive(int(holder.get("pid", -1)), holder.get("started"))
+    first = holder.get("beat") if holder else None
+    deadline = time.monotonic() + STALE_AFTER_BEATS * HEARTBEAT_S
+    while time.monotonic() < deadline:
+        time.sleep(min(1.0, HEARTBEAT_S / 2))
+        now = read_holder(lock_path)
+        if not lock_path.exists():
+            return True  # released while we watched
+        if now is not None and now.get("beat") != first:
+            return False
+    return True
+
+
 class OutputDirLock:
     """Exclusive, non-blocking lock on ``output_dir`` for the life of a run (a context manager)."""
 
-    def __init__(self, output_dir: str | os.PathLike):
+    def __init__(self, output_dir: str | os.PathLike, launch_id: str | None = None):
         self.output_dir = Path(output_dir)
         self.path = self.output_dir / LOCK_FILE_NAME
-        self._fd: int | None = None
+        self.launch_id = launch_id
+        self._holder: dict[str, Any] | None = None
+        self._stop = threading.Event()
+        self._beating: threading.Thread | None = None
 
     def acquire(self) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        for _ in range(2):
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise locked_error(self.output_dir, self.path) from None
-            # The holder before us may have removed the file between our open and our lock: lock the file that is
-            # at the path now, not an unlinked one.
-            try:
-                same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same_file = False
-            if same_file:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
                 break
-            os.close(fd)
-        holder = {
+            except FileExistsError:
+                if not holder_gone(self.path):
+                    raise locked_error(self.output_dir, self.path) from None
+                logger.warning("Taking over %s: its holder is gone (%s)", self.path, describe_holder(self.path))
+                self.path.unlink(missing_ok=True)
+        else:
+            raise locked_error(self.output_dir, self.path)
+        os.close(fd)
+        self._holder = {
+            "launch_id": self.launch_id,
             "pid": os.getpid(),
             "ppid": os.getppid(),
             "host": socket.gethostname(),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(sys.argv),
             "rendezvous": rendezvous(),
+            "beat": 0,
         }
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(holder).encode())
-        self._fd = fd
+        self._write()
+        self._beating = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
+        self._beating.start()
         logger.info("Locked %s for this run", self.output_dir)
 
+    def _write(self) -> None:
+        with open(self.path, "w") as handle:
+            handle.write(json.dumps(self._holder))
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            current = read_holder(self.path)
+            if current is not None and (current.get("pid"), current.get("host")) != (
+                self._holder["pid"],
+                self._holder["host"],
+            ):
+                logger.error("%s was taken over by another run (%s)", self.path, describe_holder(self.path))
+                return
+            self._holder["beat"] += 1
+            with contextlib.suppress(OSError):
+                self._write()
+
     def release(self) -> None:
-        if self._fd is None:
+        if self._holder is None:
             return
-        try:
-            self.path.unlink(missing_ok=True)  # removed while still held, so no newcomer locks a stale file
-        finally:
-            os.close(self._fd)
-            self._fd = None
+        self._stop.set()
+        if self._beating is not None:
+            self._beating.join()
+        self.path.unlink(missing_ok=True)
+        self._holder = None
 
     def __enter__(self) -> OutputDirLock:
         self.acquire()
@@ -134,10 +204,10 @@ def refuse_if_held_by_another_run(output_dir: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def run_lock(output_dir: str | os.PathLike, main_process: bool) -> Iterator[None]:
+def run_lock(output_dir: str | os.PathLike, main_process: bool, launch_id: str | None = None) -> Iterator[None]:
     """Hold the output folder's lock for the run (main process), or check that no other run holds it (other ranks)."""
     if main_process:
-        with OutputDirLock(output_dir):
+        with OutputDirLock(output_dir, launch_id):
             yield
     else:
         refuse_if_held_by_another_run(output_dir)

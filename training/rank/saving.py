@@ -11,6 +11,7 @@ from pathlib import Path
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.dynamic_module_utils import custom_object_save
 
+from ..folder_commit import building_folder, commit, mark_complete, sweep_abandoned_builds
 from ..saved_model.chat_template import DOLLY_CHAT_TEMPLATE
 from ..saved_model.instruct_pipeline import (
     InstructionTextGenerationPipeline,
@@ -158,11 +159,22 @@ def publish_dir(staging_dir: Path, output_dir: Path) -> None:
 
 
 def copy_to_dir(source_dir: str | os.PathLike, destination: str | os.PathLike) -> None:
-    """Copy a finished output (for example to DBFS), leaving out the checkpoints."""
+    """Copy a finished output (to a volume, or DBFS), leaving out the checkpoints: into a building folder beside the
+    destination, marked complete (every file and its size), then moved into place, an earlier copy replaced. A copy
+    cut short never stands at ``destination``; on object storage, readers check the marker
+    (:func:`training.folder_commit.is_complete`)."""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    sweep_abandoned_builds(destination.parent)
+    building = building_folder(destination)
     logger.info("Copying %s to %s", source_dir, destination)
-    shutil.copytree(
-        source_dir,
-        destination,
-        dirs_exist_ok=True,
-        ignore=shutil.ignore_patterns("checkpoint-*", f"{STAGING_PREFIX}*", LOCK_FILE_NAME, STOP_FILE_NAME),
-    )
+    try:
+        shutil.copytree(
+            source_dir,
+            building,
+            ignore=shutil.ignore_patterns("checkpoint-*", f"{STAGING_PREFIX}*", LOCK_FILE_NAME, STOP_FILE_NAME),
+        )
+        mark_complete(building, source=str(source_dir))
+        commit(building, destination, replace=True)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
