@@ -71,8 +71,12 @@ load_tokenizer(input_model)  # the data is read and checked once, when it is pre
 import os
 
 from training.driver.notebook import GPU_FAMILIES, claim_run_dir, run_paths
+from training.driver.storage import notebook_volume, table_copy_dir
 
-# A new run gets a folder of its own; resume_run continues a stopped run in its folder.
+# On Databricks, a Unity Catalog volume holds the model's copy, multi-node runs and table copies (the volume widget;
+# empty: the current catalog and schema's "dolly" volume, created when you may). DBFS only when dbfs_output_root
+# names it. A new run gets a folder of its own; resume_run continues a stopped run in its folder.
+volume = notebook_volume(spark, widgets.get("volume"), databricks=databricks)
 resume_run = widgets.get("resume_run")
 paths = run_paths(
     widgets.get("experiment_id"),
@@ -81,6 +85,7 @@ paths = run_paths(
     databricks=databricks,
     resume_run=resume_run,
     num_nodes=num_nodes,
+    volume=volume,
 )
 if not resume_run:
     paths = claim_run_dir(paths)
@@ -92,11 +97,12 @@ if dataset_is_table:
     from training.driver.spark import table_to_parquet
     from training.prepared_data import default_cache_dir
 
-    # Checked and written as Parquet by Spark itself, beside the prepared datasets (the rows skip the driver).
-    training_dataset = table_to_parquet(spark, training_dataset, default_cache_dir(paths.local_output_dir), columns)
+    # Checked and written as Parquet by Spark itself, into the volume on Databricks (the rows skip the driver).
+    copy_dir = table_copy_dir(volume, databricks=databricks, fallback=str(default_cache_dir(paths.local_output_dir)))
+    training_dataset = table_to_parquet(spark, training_dataset, copy_dir, columns)
 
 print(f"Local Output Dir: {paths.local_output_dir}")
-print(f"DBFS Output Dir: {paths.dbfs_output_dir}")
+print(f"Copy of the finished model: {paths.dbfs_output_dir}")
 print(f"Tensorboard Display Dir: {tensorboard_display_dir}")
 
 from training.driver.notebook import mlflow_environment

@@ -93,15 +93,16 @@ def test_unknown_family_is_rejected():
 
 
 def test_run_paths_are_named_like_dollys(tmp_path):
-    paths = run_paths("my exp", str(tmp_path), "/dbfs/root", databricks=True, timestamp="2026-01-01T00:00:00")
+    volume = tmp_path / "Volumes" / "main" / "default" / "dolly"
+    paths = run_paths("my exp", str(tmp_path), "", databricks=True, timestamp="2026-01-01T00:00:00", volume=str(volume))
     assert paths.local_output_dir == f"{tmp_path}/dolly__my_exp__2026-01-01T00:00:00"
-    assert paths.dbfs_output_dir == "/dbfs/root/dolly__my_exp__2026-01-01T00:00:00"
+    assert paths.dbfs_output_dir == f"{volume}/dolly_training/dolly__my_exp__2026-01-01T00:00:00"
     assert paths.tensorboard_display_dir == paths.local_output_dir + "/runs"
     local = run_paths("", "", "", databricks=False, timestamp="T")
     assert local.dbfs_output_dir is None and local.local_output_dir.endswith("dolly_runs/dolly__T")
-    # Many nodes on Databricks: DBFS by default (every node sees it), and no second copy there.
-    nodes = run_paths("", "", "", databricks=True, timestamp="T", num_nodes=2)
-    assert nodes.local_output_dir == "/dbfs/dolly_training/runs/dolly__T" and nodes.dbfs_output_dir is None
+    # Databricks without a volume or DBFS: refused (see test_storage.py for the rest of where things go).
+    with pytest.raises(ValueError, match="set the volume widget"):
+        run_paths("", "", "", databricks=True, timestamp="T", num_nodes=2)
 
 
 def test_local_widgets_come_from_flags_then_environment_then_defaults():

@@ -133,6 +133,35 @@ def test_a_run_folder_the_workers_do_not_share_is_refused_before_the_launch(spar
     assert not list((tmp_path / "shared").iterdir())  # the probe is taken away
 
 
+def test_a_table_copy_on_disks_the_driver_cannot_see_is_never_marked_complete(
+    spark, sample_path, tmp_path, monkeypatch
+):
+    """Spark's executors write a table's Parquet to a path each process resolves to its own folder (as /local_disk0
+    is one path and a disk per node on Databricks): the driver's folder gets no rows, so the copy is refused and never
+    marked complete, and no later run reuses it. With executors on other hosts, a local path is refused before any
+    write."""
+    import shutil
+    import uuid
+
+    import training.driver.spark as spark_module
+    from training.driver.spark import TABLE_INFO_NAME, TableCopyError, executor_hosts
+
+    records = [json.loads(line) for line in sample_path.read_text().splitlines()[:6]]
+    table = save_table(spark, "dolly_unshared", records)
+    assert executor_hosts(spark) == set()  # local-cluster: every executor on the driver's loopback host
+    node_local = Path(f"/proc/self/cwd/dolly-tables-{uuid.uuid4().hex[:8]}")  # a folder per process, one path
+    try:
+        with pytest.raises(TableCopyError, match=r"but this driver finds 0 there: the executors wrote to storage"):
+            table_to_parquet(spark, table, node_local)
+        assert not list(node_local.rglob(TABLE_INFO_NAME)) and not list(node_local.rglob("*.parquet"))
+    finally:
+        shutil.rmtree(Path.cwd() / node_local.name, ignore_errors=True)
+    monkeypatch.setattr(spark_module, "executor_hosts", lambda session: {"10.0.3.7", "10.0.3.8"})  # workers
+    with pytest.raises(TableCopyError, match=r"executors run on other hosts \(10\.0\.3\.7, 10\.0\.3\.8\)"):
+        table_to_parquet(spark, table, tmp_path / "local_disk0")
+    assert not (tmp_path / "local_disk0" / "tables").exists() or not list((tmp_path / "local_disk0").rglob("*.parquet"))
+
+
 LARGE_TABLE_ROWS = 100_000
 
 

