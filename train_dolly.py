@@ -144,8 +144,9 @@ if plan.settings.deepspeed:
 from training.driver.notebook import prepare_training_data
 
 # The data read, checked and tokenized once, here, into prepared_data/ beside the runs: the ranks memory-map it, and
-# a later run on the same data, template, tokenizer, max length and seed reuses it (see "Large datasets").
-prepare_training_data(plan.settings)
+# a later run on the same data, template, tokenizer, max length and seed reuses it (see "Large datasets"). The
+# source's digest goes to the ranks with the plan, so they do not read the source again.
+plan = plan.with_settings(source_digest=prepare_training_data(plan.settings))
 
 # COMMAND ----------
 

@@ -52,6 +52,30 @@ def test_json_array_names_the_record(tmp_path):
         read_records(str(path))
 
 
+def test_json_is_read_as_a_stream_whatever_its_layout_and_a_broken_record_is_named(tmp_path):
+    """A .json array, a {"data": [...]} object, and JSON Lines named .json (as Dataset.to_json writes): the same
+    records, each named by file and number; a broken record in each is named too."""
+    records = [GOOD, {**GOOD, "instruction": "Second?"}, {**GOOD, "instruction": "Third?"}]
+    layouts = {
+        "array.json": json.dumps(records, indent=2),
+        "wrapped.json": json.dumps({"version": 1, "data": records}, indent=2),
+        "lines.json": "".join(json.dumps(record) + "\n" for record in records),
+    }
+    for name, text in layouts.items():
+        (tmp_path / name).write_text(text)
+        assert [r["instruction"] for r in read_records(str(tmp_path / name))] == [r["instruction"] for r in records]
+    (tmp_path / "array.json").write_text(json.dumps(records[:2])[:-1] + ', {"instruction": "x", "resp')
+    with pytest.raises(DatasetRecordError, match=r"array\.json, record 3: not valid JSON"):
+        read_records(str(tmp_path / "array.json"))
+    lines = layouts["lines.json"].splitlines()
+    (tmp_path / "lines.json").write_text("\n".join([lines[0], lines[1][:-5], lines[2]]) + "\n")
+    with pytest.raises(DatasetRecordError, match=r"lines\.json, line 2: not valid JSON"):
+        read_records(str(tmp_path / "lines.json"))
+    (tmp_path / "wrapped.json").write_text(json.dumps({"data": [GOOD, {"instruction": "i"}]}))
+    with pytest.raises(DatasetRecordError, match=r"wrapped\.json, record 2: field 'response' is missing"):
+        read_records(str(tmp_path / "wrapped.json"))
+
+
 def test_parquet_and_saved_folder_are_read_and_checked(tmp_path):
     Dataset.from_list([GOOD, {**GOOD, "response": ""}]).to_parquet(str(tmp_path / "r.parquet"))
     with pytest.raises(DatasetRecordError, match=r"r\.parquet, record 2: field 'response' is empty"):

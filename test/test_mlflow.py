@@ -69,6 +69,7 @@ def test_the_logged_model_holds_the_model_not_the_runs_checkpoints(tracked_run, 
     track_to(monkeypatch, tracked_run["uri"])
     logged = Path(download_artifacts(f"runs:/{run.info.run_id}/model"))
     artifacts = [path for path in (logged / "artifacts").rglob("*") if path.is_file()]
+    assert {path.relative_to(logged / "artifacts").parts[0] for path in artifacts} == {"hf_model"}  # a stable name
     names = {path.name for path in artifacts}
     assert {"model.safetensors", "config.json", "tokenizer.json", "generation_config.json", "README.md"} <= names
     assert {"instruct_pipeline.py", "consts.py", "prompts.py"} <= names

@@ -3,6 +3,7 @@ reused by the next run, checked by a resume; and the handoff the other ranks wai
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import threading
@@ -67,14 +68,53 @@ def test_the_fingerprint_names_each_part_that_changed(tokenizer, sample_path, tm
     assert changed_parts(base, dict(base)) == []
 
 
+def test_the_tokenizer_is_fingerprinted_by_what_it_does_not_by_how_a_library_writes_it(
+    tokenizer, tiny_model_dir, tmp_path, monkeypatch
+):
+    """The same vocabulary and merges written two ways (``tokenizers`` wrote merges as "a b" strings before 0.20 and
+    as pairs since, and adds fields release by release): one fingerprint. A tokenizer that gives a probe text other
+    ids: another."""
+    import training.prepared_data as prepared_data
+    from training.prepared_data import backend_definition, merges_of, tokenizer_digest
+
+    digest = tokenizer_digest(tokenizer)
+    definition = backend_definition(tokenizer)
+    assert merges_of(definition) and all(isinstance(merge, list) for merge in definition["model"]["merges"])
+    older = json.loads(json.dumps(definition))
+    older["model"]["merges"] = [" ".join(merge) for merge in definition["model"]["merges"]]
+    older["model"].pop("ignore_merges", None)
+    older["a_field_a_later_release_writes"] = {"default": True}
+    monkeypatch.setattr(prepared_data, "backend_definition", lambda tokenizer: older)
+    assert tokenizer_digest(tokenizer) == digest  # another serialisation of the same tokenizer
+    monkeypatch.undo()
+    other = load_tokenizer(str(tiny_model_dir))
+    other.add_tokens(["Zoë"])  # the probe text now splits differently
+    assert other("Zoë")["input_ids"] != tokenizer("Zoë")["input_ids"]
+    assert tokenizer_digest(other) != digest
+
+
+def test_a_change_to_the_code_that_shapes_a_record_changes_the_fingerprint(tokenizer, sample_path, monkeypatch):
+    import training.preprocess as preprocess
+
+    spec = DataSpec(str(sample_path), None, 2048, 42)
+    before = fingerprint_parts(spec, tokenizer)
+
+    def mask_prompt(input_ids, response_start):  # a fix to the masking: the data it prepares would differ
+        return [-100] * (response_start + 1) + list(input_ids[response_start + 1 :])
+
+    monkeypatch.setattr(preprocess, "mask_prompt", mask_prompt)
+    after = fingerprint_parts(spec, tokenizer)
+    assert changed_parts(before, after) == ["the prompt template or the preparation"]
+
+
 def test_a_build_that_loses_the_race_uses_the_winners_copy(tokenizer, sample_path, tmp_path, monkeypatch):
     import training.prepared_data as prepared_data
 
     spec = DataSpec(str(sample_path), None, 2048, 42)
     real_build = prepared_data._build
 
-    def build_while_another_run_finishes_first(*args):
-        info = real_build(*args)
+    def build_while_another_run_finishes_first(*args, **kwargs):
+        info = real_build(*args, **kwargs)
         monkeypatch.setattr(prepared_data, "_build", real_build)
         prepare_data(spec, tokenizer, tmp_path)  # the other run: done while this one was building
         return info
@@ -212,3 +252,29 @@ def test_a_resume_on_changed_data_is_refused_before_the_model_loads_unless_allow
         in allowed.stderr + allowed.stdout
     )
     assert (out / "checkpoint-4").is_dir()
+
+
+def test_a_notebook_run_reads_its_source_once_and_a_second_run_once_again(tiny_model_dir, sample_path, tmp_path):
+    """The driver prepares (the digest taken as the records are read), the plan hands the digest to rank 0, which
+    finds the prepared data without a read: the source's bytes, once per run (counted through the reader)."""
+    import dataclasses
+
+    from training.data import SOURCE_BYTES_READ
+    from training.driver.notebook import prepare_training_data
+    from training.rank.training_data import prepare_on_main
+    from training.settings import TrainSettings
+
+    source = tmp_path / "records.jsonl"
+    shutil.copy(sample_path, source)
+    settings = TrainSettings(
+        input_model=str(tiny_model_dir), training_dataset=str(source), local_output_dir=str(tmp_path / "runs" / "a")
+    )
+    for run in ("first", "second"):  # the second reuses the prepared data
+        SOURCE_BYTES_READ.clear()
+        digest = prepare_training_data(settings)  # the notebook's driver
+        answer = prepare_on_main(dataclasses.replace(settings, source_digest=digest), 2048, None)  # rank 0
+        assert dict(SOURCE_BYTES_READ) == {str(source): source.stat().st_size}, run
+        assert (
+            answer["info"]["parts"]["source"] == digest == f"sha256:{hashlib.sha256(source.read_bytes()).hexdigest()}"
+        )
+    assert len([p for p in (tmp_path / "runs" / "prepared_data").iterdir()]) == 1

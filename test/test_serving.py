@@ -210,3 +210,40 @@ def test_chat_options_map_to_generation_and_answers_to_openais_shape():
         (1, "Red and", "length"),
     ]
     assert completion["usage"] == {"prompt_tokens": 20, "completion_tokens": 7, "total_tokens": 27}
+
+
+def test_served_answers_come_in_request_order_the_same_with_and_without_batches(zero3_run):
+    """The MLflow model splits a call into batches of at most max_batch_size requests of similar prompt length and
+    answers in the request order: the same answers as one batch and as one request at a time."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from training.saved_model.mlflow_model import MODEL_ARTIFACT, DollyModel
+
+    served = DollyModel()
+    served.load_context(
+        SimpleNamespace(artifacts={MODEL_ARTIFACT: str(zero3_run.out)}, model_config={"max_batch_size": 2})
+    )
+    sizes = []
+    pipeline = served.pipeline
+    served.pipeline = lambda requests, **kwargs: sizes.append(len(requests)) or pipeline(requests, **kwargs)
+    served.pipeline.tokenizer = pipeline.tokenizer
+    instructions = [
+        "Name a primary colour and say why it is called primary, in one sentence.",
+        "Hi",
+        "Summarise the plot of a story about a fox who jumps over a lazy dog, then give it a title.",
+        "What is two plus two?",
+        "List three fruits.",
+    ]
+    rows = pd.DataFrame([{"instruction": text} for text in instructions])
+    params = {"max_new_tokens": 6}
+    batched = served.predict(None, rows, params)
+    assert sizes == [2, 2, 1]
+    whole = served.predict(None, rows, {**params, "max_batch_size": 100})
+    alone = [served.predict(None, rows.iloc[[i]], params)[0] for i in range(len(instructions))]
+    assert batched == whole == alone and len(batched) == 5
+    chats = served.predict(
+        None, pd.DataFrame([{"messages": [{"role": "user", "content": t}]} for t in instructions]), {"max_tokens": 6}
+    )
+    assert [c["choices"][0]["message"]["content"] for c in chats] == alone

@@ -13,10 +13,12 @@ the file, and no file is dropped without a word. A UTF-8 byte-order mark is acce
 from __future__ import annotations
 
 import codecs
+import collections
 import csv
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,87 @@ def validate_record(record: Any, where: str, columns: Columns = DOLLY_COLUMNS) -
     return clean
 
 
+# Bytes read from each source file by this process (the readers and the digest), for the benchmarks.
+SOURCE_BYTES_READ: collections.Counter[str] = collections.Counter()
+# The SHA-256 of each source file a reader read whole, in order, by this process, with the file's size and mtime
+# then: the digest of a file just parsed is known without reading it again (see :func:`source_fingerprint`).
+_DIGESTS_SEEN: dict[str, tuple[int, int, str]] = {}
+TABLE_COPY_MARKER = ".dolly_table.json"  # a table's copy (training/driver/spark.py): its marker holds Spark's digest
+
+
+class _CountedFile:
+    """A binary file that adds what is read from it to :data:`SOURCE_BYTES_READ`, and hashes what it reads: a file
+    read from its start to its end without a seek leaves its digest in :data:`_DIGESTS_SEEN`."""
+
+    def __init__(self, path: Path):
+        self._file = path.open("rb")
+        self._key = str(path)
+        self._hash = hashlib.sha256()
+        self._in_order = True
+        self._at_end = False
+
+    def _count(self, data: bytes) -> bytes:
+        SOURCE_BYTES_READ[self._key] += len(data)
+        if self._in_order:
+            self._hash.update(data)
+        return data
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._count(self._file.read(size))
+        self._at_end = self._at_end or not data or size is None or size < 0
+        return data
+
+    def readline(self, size: int = -1) -> bytes:
+        data = self._count(self._file.readline(size))
+        self._at_end = self._at_end or not data
+        return data
+
+    def readinto(self, buffer) -> int:
+        count = self._file.readinto(buffer) or 0
+        self._count(bytes(memoryview(buffer)[:count]))
+        self._at_end = self._at_end or count == 0
+        return count
+
+    def __iter__(self) -> Iterator[bytes]:
+        for line in self._file:
+            yield self._count(line)
+        self._at_end = True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        before = self._file.tell()
+        position = self._file.seek(offset, whence)
+        self._in_order = self._in_order and position == before  # a jump: the bytes hashed are no longer the file's
+        return position
+
+    def close(self) -> None:
+        if self._in_order and self._at_end and not self._file.closed:
+            status = os.fstat(self._file.fileno())
+            _DIGESTS_SEEN[self._key] = (status.st_size, status.st_mtime_ns, self._hash.hexdigest())
+        self._file.close()
+
+    def __enter__(self) -> _CountedFile:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __getattr__(self, name: str) -> Any:  # tell, readable, fileno, ... as the file has them
+        return getattr(self._file, name)
+
+
+def _open_source(path: Path) -> _CountedFile:
+    return _CountedFile(path)
+
+
+def _digest_seen(path: Path) -> str | None:
+    """The digest of ``path`` from a whole read by this process, if the file has not changed since."""
+    seen = _DIGESTS_SEEN.get(str(path))
+    if seen is None:
+        return None
+    status = path.stat()
+    return seen[2] if (status.st_size, status.st_mtime_ns) == seen[:2] else None
+
+
 def _decode(raw: bytes, where: str) -> str:
     try:
         return raw.decode("utf-8")
@@ -75,7 +158,7 @@ def _decode(raw: bytes, where: str) -> str:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open("rb") as handle:
+    with _open_source(path) as handle:
         for line_number, raw in enumerate(handle, start=1):
             where = f"{path}, line {line_number}"
             if line_number == 1 and raw.startswith(codecs.BOM_UTF8):  # as Windows editors write
@@ -89,30 +172,75 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
                 raise DatasetRecordError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
 
 
-def _whole_file_text(path: Path) -> str:
-    """A whole file as UTF-8 text (a byte-order mark dropped); a byte that is not UTF-8 is reported by its line."""
-    raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+JSON_PEEK_BYTES = 1 << 20  # how much of a .json file is read to tell an array, an object and JSON Lines apart
+
+
+def _json_layout(path: Path) -> str:
+    """How a ``.json`` file holds its records, from its first bytes: ``array`` (``[...]``), ``object`` (one object,
+    such as ``{"data": [...]}``) or ``lines`` (JSON Lines, which ``Dataset.to_json`` writes as ``.json``)."""
+    with _open_source(path) as handle:
+        head = handle.read(JSON_PEEK_BYTES).removeprefix(codecs.BOM_UTF8)
+    text = head.lstrip()
+    if text.startswith(b"["):
+        return "array"
+    first, newline, rest = text.partition(b"\n")
+    if not newline:  # one line (or a first line longer than the peek): one object
+        return "object"
     try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise DatasetRecordError(f"{path}, line {line}: not UTF-8 text (byte 0x{raw[err.start]:02x})") from None
+        json.loads(first)
+    except (ValueError, UnicodeDecodeError):
+        return "object"  # an object spread over lines
+    return "lines" if rest.strip() else "object"
+
+
+def _json_error(path: Path, number: int, err: Exception) -> DatasetRecordError:
+    if isinstance(err, UnicodeDecodeError):
+        return DatasetRecordError(f"{path}, record {number}: not UTF-8 text; save the file as UTF-8")
+    return DatasetRecordError(f"{path}, record {number}: not valid JSON ({err})")
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
-    text = _whole_file_text(path)
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError:
-        # Many ".json" dataset files are really JSON Lines.
+    """A ``.json`` file's records as a stream (never the whole file in memory): a JSON array item by item, the
+    ``data`` list of an object, or JSON Lines line by line; each record named by its file and number."""
+    import ijson
+
+    layout = _json_layout(path)
+    if layout == "lines":
         yield from _read_jsonl(path)
         return
-    if isinstance(records, dict) and isinstance(records.get("data"), list):
-        records = records["data"]
-    if not isinstance(records, list):
-        raise DatasetRecordError(f"{path}: expected a list of records (or JSON Lines), got {type(records).__name__}")
-    for number, record in enumerate(records, start=1):
-        yield f"{path}, record {number}", record
+    prefix = "item" if layout == "array" else "data.item"
+    number = 0
+    # yajl's C parser (ijson's default) stops at integers beyond 64 bits; ijson's Python parser reads any integer, so
+    # the rest of the file is read with it when that happens (records already read are not read twice).
+    for parser in (ijson, ijson.get_backend("python")):
+        with _open_source(path) as handle:
+            if handle.read(len(codecs.BOM_UTF8)) != codecs.BOM_UTF8:
+                handle.seek(0)
+            try:
+                for count, record in enumerate(parser.items(handle, prefix, use_float=True), 1):
+                    if count > number:
+                        number = count
+                        yield f"{path}, record {number}", record
+                break
+            except (ijson.JSONError, UnicodeDecodeError) as err:
+                if parser is ijson and "integer overflow" in str(err):
+                    continue
+                raise _json_error(path, number + 1, err) from None
+    if layout == "object" and number == 0 and not _has_data_list(path):
+        yield from _read_jsonl(path)  # one record on one line, or not a list of records: said there
+
+
+def _has_data_list(path: Path) -> bool:
+    """Whether a ``.json`` object's top level has a ``data`` list (streamed: the file is not loaded)."""
+    import ijson
+
+    with path.open("rb") as handle:
+        if handle.read(len(codecs.BOM_UTF8)) != codecs.BOM_UTF8:
+            handle.seek(0)
+        try:
+            return any(prefix == "data" and event == "start_array" for prefix, event, _ in ijson.parse(handle))
+        except (ijson.JSONError, UnicodeDecodeError):
+            return False
 
 
 def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
@@ -120,7 +248,7 @@ def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
 
     Read line by line (a cell may span lines), so memory does not grow with the file; a byte that is not UTF-8 is
     reported by its line."""
-    with path.open("rb") as handle:
+    with _open_source(path) as handle:
         lines = (
             _decode(raw.removeprefix(codecs.BOM_UTF8) if number == 1 else raw, f"{path}, line {number}")
             for number, raw in enumerate(handle, start=1)
@@ -143,12 +271,13 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
     import pyarrow.parquet
 
     try:
-        batches = pyarrow.parquet.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS)
-        number = 0
-        for batch in batches:
-            for record in batch.to_pylist():
-                number += 1
-                yield f"{path}, record {number}", record
+        with _open_source(path) as handle:
+            batches = pyarrow.parquet.ParquetFile(handle).iter_batches(batch_size=PARQUET_BATCH_ROWS)
+            number = 0
+            for batch in batches:
+                for record in batch.to_pylist():
+                    number += 1
+                    yield f"{path}, record {number}", record
     except (pyarrow.ArrowException, OSError) as err:
         raise DatasetRecordError(f"{path}: not a readable Parquet file ({err})") from None
 
@@ -218,25 +347,39 @@ def _raw_records(path_or_dataset: str) -> Iterator[tuple[str, Any]]:
         yield from _read_dataset(load_dataset(path_or_dataset, split="train"), path_or_dataset)
 
 
-def _file_sha256(path: Path) -> str:
-    with path.open("rb") as handle:
+def _file_sha256(path: Path, *, reuse_seen: bool = False) -> str:
+    """``path``'s SHA-256; with ``reuse_seen``, from the whole read a reader just made of it, when there was one."""
+    if reuse_seen and (seen := _digest_seen(path)) is not None:
+        return seen
+    with _open_source(path) as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def source_fingerprint(path_or_dataset: str) -> str:
+def source_fingerprint(path_or_dataset: str, *, after_read: bool = False) -> str:
     """A digest of what the records are read from, which changes when they do: a file's bytes; a folder's data files
-    (names and bytes; a saved dataset's every file); a hub dataset's revision (the commit its files come from)."""
+    (names and bytes; a saved dataset's every file); a table's copy, the digest Spark computed of its rows; a hub
+    dataset's revision (the commit its files come from).
+
+    ``after_read``: the records were just read by this process, so a file read whole, in order (JSON Lines, JSON,
+    CSV) is not read again: its digest was taken as it was parsed. A Parquet file, read by its footer first, is."""
     path = Path(path_or_dataset)
     if path.is_file():
-        return f"sha256:{_file_sha256(path)}"
+        return f"sha256:{_file_sha256(path, reuse_seen=after_read)}"
     if path.is_dir():
+        table = path / TABLE_COPY_MARKER
+        if table.is_file():
+            copied = json.loads(table.read_text(encoding="utf-8"))
+            if copied.get("digest"):
+                return f"table:{copied['table']}@{copied['digest']}"
         if _is_saved_dataset(path):
             files = sorted(f for f in path.rglob("*") if f.is_file())
         else:
             files = _folder_files(path)[0]
         digest = hashlib.sha256()
         for file in files:
-            digest.update(f"{file.relative_to(path).as_posix()}\0{_file_sha256(file)}\n".encode())
+            digest.update(
+                f"{file.relative_to(path).as_posix()}\0{_file_sha256(file, reuse_seen=after_read)}\n".encode()
+            )
         return f"sha256:{digest.hexdigest()}"
     if _names_a_local_path(path_or_dataset):
         raise FileNotFoundError(f"training dataset not found: {path_or_dataset}")
@@ -272,14 +415,19 @@ RECORD_FEATURES = Features({field: Value("string") for field in (*REQUIRED_FIELD
 
 
 def records_dataset(
-    path_or_dataset: str, columns: str | Columns | None = None, *, cache_dir: str | Path | None = None
+    path_or_dataset: str,
+    columns: str | Columns | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    content: str | None = None,
 ) -> Dataset:
     """The checked records as an Arrow ``Dataset`` (the four dolly fields), written a batch at a time by datasets'
     own generator builder into ``cache_dir`` (datasets' cache by default) and memory-mapped from there.
 
     Each record goes through the same reader and check as :func:`read_records`, so an error names the file, the line
     or record, and the field (datasets' JSON and CSV readers cannot: pyarrow reports a block, pandas reads "NA" as
-    missing)."""
+    missing). ``content``: the source's digest when the caller has it (:func:`source_fingerprint`), so the source is
+    not read again to key the cache."""
     columns = columns if isinstance(columns, Columns) else Columns.parse(columns)
     try:
         return Dataset.from_generator(
@@ -290,7 +438,7 @@ def records_dataset(
             gen_kwargs={
                 "path_or_dataset": path_or_dataset,
                 "columns": columns,
-                "content": source_fingerprint(path_or_dataset),
+                "content": content or source_fingerprint(path_or_dataset),
             },
             cache_dir=str(cache_dir) if cache_dir is not None else None,
         )

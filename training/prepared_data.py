@@ -21,6 +21,8 @@ import json
 import logging
 import shutil
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,33 +63,97 @@ class DataSpec:
     seed: int
 
 
+# Text the tokenizer's fingerprint records the ids of: Dolly's template and keys, whitespace runs, digits, accents,
+# CJK, emoji and punctuation, so that any change in how text becomes ids (normalizer, pre-tokenizer, merges, added
+# tokens) changes them.
+PROBE_TEXT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\nSay  hello\tto Zoë, Ångström and 東京 🦊 — twice!!\n\nInput:\n  3.14159 + 2,718 = 5.86\r\n"
+    "CamelCase snake_case kebab-case URL https://example.com/a?b=c&d=e\n\n### Response:\nOK.\n\n### End"
+)
+# The record-shaping code the prepared data depends on, by module and name: validation, the column mapping, the
+# template, tokenizing and masking, the length filter. Its source is part of the fingerprint.
+SHAPING_CODE = {
+    "training.data": ("validate_record", "with_training_text"),
+    "training.columns": ("Columns", "normalize_columns"),
+    "training.saved_model.prompts": ("format_training_text",),
+    "training.preprocess": (
+        "find_last_subsequence",
+        "response_start_from_key",
+        "mask_prompt",
+        "response_key_id",
+        "_start_after_key",
+        "_response_starts",
+        "_labels_from_fields",
+        "_labels_from_text",
+        "preprocess_batch",
+        "training_features",
+        "drop_too_long",
+    ),
+}
+
+
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
-    """A digest of how ``tokenizer`` turns text into ids: its fast tokenizer's definition (vocabulary, merges,
-    normalizer, added tokens, the special tokens it adds), without the padding and truncation a call may set."""
+def backend_definition(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any] | None:
+    """The fast tokenizer's definition as its library serialises it (None for a slow tokenizer)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        definition = json.loads(backend.to_str())
-        definition["truncation"] = definition["padding"] = None
-    else:  # a slow tokenizer: its vocabulary and its added tokens
-        definition = {"vocab": sorted(tokenizer.get_vocab().items()), "class": type(tokenizer).__name__}
-    definition["special_tokens"] = {key: str(value) for key, value in sorted(tokenizer.special_tokens_map.items())}
-    return _digest(json.dumps(definition, sort_keys=True))
+    return json.loads(backend.to_str()) if backend is not None else None
+
+
+def merges_of(definition: dict[str, Any] | None) -> list[list[str]]:
+    """A BPE model's merges, in order, as pairs, whichever way the library wrote them (``"a b"`` or ``["a", "b"]``)."""
+    merges = ((definition or {}).get("model") or {}).get("merges") or []
+    return [merge.split(" ", 1) if isinstance(merge, str) else list(merge) for merge in merges]
+
+
+def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A digest of what ``tokenizer`` does, not of how a library version writes it down: its vocabulary and merges
+    (as token ids and pairs), its special tokens as ids, and the ids it gives :data:`PROBE_TEXT` with and without
+    special tokens. The same tokenizer under another ``tokenizers`` release keeps its prepared data."""
+    specials = {}
+    for name, value in sorted(tokenizer.special_tokens_map.items()):
+        tokens = value if isinstance(value, list) else [value]
+        specials[name] = [tokenizer.convert_tokens_to_ids(str(token)) for token in tokens]
+    behaviour = {
+        "vocab": sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0])),
+        "merges": merges_of(backend_definition(tokenizer)),
+        "special_tokens": specials,
+        "probe": tokenizer(PROBE_TEXT)["input_ids"],
+        "probe_plain": tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"],
+    }
+    return _digest(json.dumps(behaviour, sort_keys=True, ensure_ascii=False))
+
+
+def shaping_code_digest() -> str:
+    """A digest of the source of the code that shapes a record (:data:`SHAPING_CODE`): a change there makes new data."""
+    import importlib
+    import inspect
+
+    sources = [
+        inspect.getsource(getattr(importlib.import_module(module), name))
+        for module, names in SHAPING_CODE.items()
+        for name in names
+    ]
+    return _digest("\n".join(sources))
 
 
 def template_digest() -> str:
-    """A digest of Dolly's training template (with and without a context) and of this preparation's format."""
+    """A digest of Dolly's training template (with and without a context), of this preparation's format and of the
+    code that shapes a record."""
     rendered = [format_training_text("{instruction}", "{response}", context) for context in ("{context}", None)]
-    return _digest(json.dumps([PREPARATION_FORMAT, *rendered]))
+    return _digest(json.dumps([PREPARATION_FORMAT, *rendered, shaping_code_digest()]))
 
 
-def fingerprint_parts(spec: DataSpec, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-    """What decides the prepared records, part by part (each named in :data:`PART_NAMES`)."""
+def fingerprint_parts(
+    spec: DataSpec, tokenizer: PreTrainedTokenizerBase, source_digest: str | None = None
+) -> dict[str, Any]:
+    """What decides the prepared records, part by part (each named in :data:`PART_NAMES`). ``source_digest``: the
+    source's digest where it was computed already (where the data was prepared), so the source is not read again."""
     return {
-        "source": source_fingerprint(spec.training_dataset),
+        "source": source_digest or source_fingerprint(spec.training_dataset),
         "columns": Columns.parse(spec.columns).text(),
         "template": template_digest(),
         "tokenizer": tokenizer_digest(tokenizer),
@@ -146,27 +212,45 @@ def prepare_data(
     *,
     num_proc: int | None = None,
     parts: dict[str, Any] | None = None,
+    check: Callable[[dict[str, Any]], None] | None = None,
 ) -> PreparedData:
     """The prepared dataset for ``spec`` and ``tokenizer`` in ``cache_dir``: reused when it is there, else read,
     checked, tokenized (in ``num_proc`` processes), filtered to ``max_length``, shuffled with the seed and saved.
-    ``parts``: :func:`fingerprint_parts` of them, when the caller has it already."""
+
+    The source is read once at most. ``parts`` (:func:`fingerprint_parts`, when the caller has the source's digest
+    already) finds a prepared dataset without reading anything. Otherwise the records are read and checked first,
+    the digest taken as they are read (JSON Lines, JSON, CSV; a table's copy has Spark's), and only then the
+    fingerprint decides: the dataset prepared already, or this one tokenized from the records just read. ``check``
+    sees the parts before anything is reused or tokenized (a resume's check against its checkpoint)."""
     cache_dir = Path(cache_dir)
-    parts = parts if parts is not None else fingerprint_parts(spec, tokenizer)
-    fingerprint = fingerprint_of(parts)
-    found = existing(cache_dir, fingerprint)
-    if found is not None:
-        logger.info(
-            "Reusing prepared dataset %s (%d records; same data, columns, template, tokenizer, max length and seed)",
-            found.path,
-            found.info["records"],
-        )
+    if parts is not None and (found := existing(cache_dir, fingerprint_of(parts))) is not None:
+        if check is not None:
+            check(parts)
+        _log_reuse(found)
         return found
     cache_dir.mkdir(parents=True, exist_ok=True)
     sweep_abandoned_builds(cache_dir)
-    target = cache_dir / fingerprint
-    building = building_folder(target)
+    building = building_folder(cache_dir / f"records-{uuid.uuid4().hex[:8]}")
     try:
-        info = _build(spec, tokenizer, parts, building, num_proc)
+        started = time.perf_counter()
+        logger.info("Reading and checking %s", spec.training_dataset)
+        # The records' cache is private to this build: keyed by its folder, not by a digest of the source.
+        records = records_dataset(
+            spec.training_dataset, spec.columns, cache_dir=building / "records", content=str(building)
+        )
+        read_seconds = time.perf_counter() - started
+        if parts is None:
+            parts = fingerprint_parts(
+                spec, tokenizer, source_digest=source_fingerprint(spec.training_dataset, after_read=True)
+            )
+        if check is not None:
+            check(parts)
+        fingerprint = fingerprint_of(parts)
+        if (found := existing(cache_dir, fingerprint)) is not None:
+            _log_reuse(found)
+            return found
+        target = cache_dir / fingerprint
+        info = _build(spec, tokenizer, parts, records, building, num_proc, started=started, read_seconds=read_seconds)
         mark_complete(building / "dataset", fingerprint=fingerprint)
         if not commit(building / "dataset", target):  # another run finished the same dataset first: as good
             logger.info("Another run prepared %s first; using its copy", target)
@@ -176,14 +260,27 @@ def prepare_data(
     return PreparedData(target, fingerprint, info)
 
 
+def _log_reuse(found: PreparedData) -> None:
+    logger.info(
+        "Reusing prepared dataset %s (%d records; same data, columns, template, tokenizer, max length and seed)",
+        found.path,
+        found.info["records"],
+    )
+
+
 def _build(
-    spec: DataSpec, tokenizer: PreTrainedTokenizerBase, parts: dict[str, Any], building: Path, num_proc: int | None
+    spec: DataSpec,
+    tokenizer: PreTrainedTokenizerBase,
+    parts: dict[str, Any],
+    records: Dataset,
+    building: Path,
+    num_proc: int | None,
+    *,
+    started: float,
+    read_seconds: float,
 ) -> dict[str, Any]:
-    """Write the dataset and its info file into ``building/dataset``; return the info."""
-    started = time.perf_counter()
+    """Tokenize the checked ``records`` into ``building/dataset`` with its info file; return the info."""
     logger.info("Preparing %s into %s", spec.training_dataset, building.parent)
-    records = records_dataset(spec.training_dataset, spec.columns, cache_dir=building / "records")
-    read_seconds = time.perf_counter() - started
     tokenized = tokenize_dataset(
         records,
         tokenizer,

@@ -274,6 +274,12 @@ class TrainSettings:
         help="Longest a rank waits at a collective (a checkpoint's save, where the main process writes the gathered "
         "16-bit model), in seconds; default: from the model's size at a slow storage rate, at least 30 minutes.",
     )
+    source_digest: str | None = setting(
+        None,
+        replayed=False,
+        help="The training data's digest, computed where the data was prepared (the notebook sets it): the ranks "
+        "find the prepared data by it without reading the source again.",
+    )
     launch_id: str | None = setting(
         None,
         replayed=False,

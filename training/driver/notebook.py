@@ -454,12 +454,14 @@ def loadable_model_dir(paths: RunPaths) -> str:
     return paths.local_output_dir
 
 
-def prepare_training_data(settings: TrainSettings) -> None:
+def prepare_training_data(settings: TrainSettings) -> str:
     """Prepare the run's data here, in the driver, before the launch (the ranks then reuse it, and on many nodes
     one machine prepares for all of them); a resume is checked against its checkpoint first. The main rank does the
-    same when the driver cannot (the trainer's command line)."""
+    same when the driver cannot (the trainer's command line). Returns the source's digest, for the launch plan: the
+    ranks then find the prepared data without reading the source again."""
     from ..rank.checkpoints import list_checkpoints
     from ..rank.training_data import prepare_on_main, resolved_max_length
 
     checkpoints = list_checkpoints(Path(settings.local_output_dir)) if settings.resume else []
-    prepare_on_main(settings, resolved_max_length(settings), checkpoints[-1] if checkpoints else None)
+    prepared = prepare_on_main(settings, resolved_max_length(settings), checkpoints[-1] if checkpoints else None)
+    return prepared["info"]["parts"]["source"]

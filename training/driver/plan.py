@@ -60,6 +60,10 @@ class LaunchPlan:
     def launch_id(self) -> str:
         return self.settings.launch_id
 
+    def with_settings(self, **changes) -> LaunchPlan:
+        """The same launch (its id kept) with settings changed."""
+        return dataclasses.replace(self, settings=dataclasses.replace(self.settings, **changes))
+
     @property
     def output_dir(self) -> str:
         return self.settings.local_output_dir

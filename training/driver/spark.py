@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..columns import Columns
-from ..data import OPTIONAL_FIELDS, REQUIRED_FIELDS, DatasetRecordError, validate_record
+from ..data import OPTIONAL_FIELDS, REQUIRED_FIELDS, TABLE_COPY_MARKER, DatasetRecordError, validate_record
 from ..folder_commit import building_folder, commit, mark_complete, read_marker, sweep_abandoned_builds
 from ..rank.saving import is_finished_output
 from ..settings import command_line
@@ -58,7 +58,7 @@ def names_a_table(spark: Any, name: str) -> bool:
 
 ROW_ID = "_dolly_row_id"
 PARTITION_SHIFT = 33  # monotonically_increasing_id: the partition in the upper bits, the row within it below
-TABLE_INFO_NAME = ".dolly_table.json"  # the copy's completion marker; hidden: the folder reader takes every .json
+TABLE_INFO_NAME = TABLE_COPY_MARKER  # the copy's completion marker; hidden: the folder reader takes every .json
 
 
 class TableCopyError(RuntimeError):
@@ -169,7 +169,8 @@ def table_to_parquet(spark: Any, table: str, cache_dir: str | os.PathLike, colum
                 "there: the executors wrote to storage the driver does not see (their own local disks?). Copy tables to "
                 "storage every node sees: a Unity Catalog volume (the volume widget) or a shared filesystem"
             )
-        mark_complete(building, TABLE_INFO_NAME, table=table, rows=rows, columns=wanted)
+        # Spark's digest of the rows names the copy's content: preparing it needs no digest pass of its own.
+        mark_complete(building, TABLE_INFO_NAME, table=table, rows=rows, columns=wanted, digest=digest)
         if not commit(building, folder, TABLE_INFO_NAME):  # another run wrote the same rows first
             logger.info("Another run copied table %s first; using its copy", table)
     finally:

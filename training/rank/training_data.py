@@ -91,13 +91,21 @@ def check_resumed_data(checkpoint: Path, parts: dict[str, Any], *, allow_changed
 
 
 def prepare_on_main(settings: TrainSettings, max_length: int, checkpoint: Path | None) -> dict[str, Any]:
-    """The main process's part: prepare (or reuse) the data and check it against the resumed checkpoint."""
+    """The main process's part: prepare (or reuse) the data and check it against the resumed checkpoint. The source
+    is read once at most: not at all when the launch brought its digest (``--source-digest``: the notebook prepared
+    the data), else as the records are read (the digest taken as they are)."""
     tokenizer = load_tokenizer(settings.input_model, trust_remote_code=settings.trust_remote_code)
     spec = DataSpec(settings.training_dataset, settings.columns, max_length, settings.seed)
-    parts = fingerprint_parts(spec, tokenizer)
-    if checkpoint is not None:  # before anything is prepared
-        check_resumed_data(checkpoint, parts, allow_changed=settings.allow_changed_data)
-    prepared = prepare_data(spec, tokenizer, cache_dir_for(settings), num_proc=settings.dataset_num_proc, parts=parts)
+    parts = fingerprint_parts(spec, tokenizer, source_digest=settings.source_digest) if settings.source_digest else None
+    check = None
+    if checkpoint is not None:  # before anything is reused or tokenized
+
+        def check(parts: dict[str, Any]) -> None:
+            check_resumed_data(checkpoint, parts, allow_changed=settings.allow_changed_data)
+
+    prepared = prepare_data(
+        spec, tokenizer, cache_dir_for(settings), num_proc=settings.dataset_num_proc, parts=parts, check=check
+    )
     return {"path": str(prepared.path), "fingerprint": prepared.fingerprint, "info": prepared.info}
 
 

@@ -15,8 +15,9 @@ Dolly's ``context``), with the request's options (``max_tokens``, ``temperature`
 MLflow params. MLflow's scoring server splits an unwrapped OpenAI request (``{"messages": [...], "max_tokens":
 64}``) into exactly that, and answers it with one ``chat.completion`` object (``choices[0].message.content``,
 ``finish_reason``, ``usage``); ``{"dataframe_records": [request, ...], "params": {...}}`` answers several requests,
-generated together as one batch (left-padded, one ``generate``), with a list of them. A table with ``instruction``
-(and ``context``) columns instead is Dolly's request and gets a list of response strings, also as one batch.
+generated together in batches of at most ``max_batch_size`` (sorted by prompt length, so each batch pads little;
+answered in the request order), with a list of them. A table with ``instruction`` (and ``context``) columns instead is
+Dolly's request and gets a list of response strings, batched the same way.
 
 What a served model needs of the model's folder is logged as an artifact (:func:`served_files`: the weights, the
 config and generation config, the tokenizer with its chat template, the pipeline code and the model card; never the
@@ -45,6 +46,12 @@ logger = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 MODEL_ARTIFACT = "model_dir"
+MODEL_FOLDER = "hf_model"  # the served files' folder in every logged model: artifacts/hf_model/
+# Requests generated together at most, unless the model config or a request's params say otherwise. Sized for a 12b
+# model on one 80 GB GPU: 24 GB of bf16 weights leave about 50 GB, and a Pythia-12b request of 2,048 prompt and 256
+# new tokens holds about 1.7 GB of KV cache (36 layers x 2 x 5,120 x 2 bytes per token), so 16 requests (27 GB)
+# leave room for activations and logits. mlflow.pyfunc.spark_udf hands up to 10,000 rows to one call.
+DEFAULT_MAX_BATCH_SIZE = 16
 CHAT_MESSAGE = Object(
     [
         Property("role", "string"),
@@ -74,8 +81,10 @@ SIGNATURE = ModelSignature(
             # Dolly's table, by the pipeline's names.
             ParamSpec("max_new_tokens", "long", DEFAULT_MAX_TOKENS),
             ParamSpec("do_sample", "boolean", False),
-            # Both: the pipeline's answer repetition penalty (unset: its default; 1.0: Dolly's decoding).
+            # Both: the pipeline's answer repetition penalty (unset: its default; 1.0: Dolly's decoding), and the most
+            # requests generated together (unset: the model config's max_batch_size).
             ParamSpec("answer_repetition_penalty", "double", None),
+            ParamSpec("max_batch_size", "long", None),
         ]
     ),
 )
@@ -146,7 +155,24 @@ class DollyModel(mlflow.pyfunc.PythonModel):
 
         model, tokenizer = load_model_tokenizer_for_generate(context.artifacts[MODEL_ARTIFACT])
         self.pipeline = InstructionTextGenerationPipeline(model=model, tokenizer=tokenizer)
-        self.model_name = (context.model_config or {}).get("model_name", "dolly")
+        config = context.model_config or {}
+        self.model_name = config.get("model_name", "dolly")
+        self.max_batch_size = int(config.get("max_batch_size") or DEFAULT_MAX_BATCH_SIZE)
+
+    def _generate(self, requests: list[dict[str, Any]], params: dict[str, Any], **settings) -> list[Any]:
+        """The pipeline's answers to ``requests``, in their order, generated in batches of at most ``max_batch_size``
+        requests of similar prompt length (bounded memory whatever the call's size; little padding)."""
+        limit = max(1, int(params.get("max_batch_size") or self.max_batch_size))
+        texts = [" ".join(str(v) for m in r.get("messages", [r]) for v in m.values() if v) for r in requests]
+        lengths = [len(ids) for ids in self.pipeline.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        order = sorted(range(len(requests)), key=lengths.__getitem__)
+        answers: list[Any] = [None] * len(requests)
+        for start in range(0, len(order), limit):
+            chosen = order[start : start + limit]
+            batch = self.pipeline([requests[i] for i in chosen], batch_size=len(chosen), **settings)
+            for index, answer in zip(chosen, batch):
+                answers[index] = answer
+        return answers
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
@@ -162,9 +188,7 @@ class DollyModel(mlflow.pyfunc.PythonModel):
     def _chat(self, rows: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any] | list[dict[str, Any]]:
         requests = [{"messages": plain_messages(row["messages"])} for row in rows]
         settings = chat_generation(params)
-        results = self.pipeline(
-            requests, batch_size=max(1, len(requests)), return_finish_reason=True, return_usage=True, **settings
-        )
+        results = self._generate(requests, params, return_finish_reason=True, return_usage=True, **settings)
         completions = [chat_completion(answers, self.model_name) for answers in results]
         return completions[0] if len(completions) == 1 else completions
 
@@ -180,7 +204,7 @@ class DollyModel(mlflow.pyfunc.PythonModel):
             "do_sample": bool(params.get("do_sample", False)),
             **penalty_setting(params),
         }
-        results = self.pipeline(requests, batch_size=max(1, len(requests)), **settings)
+        results = self._generate(requests, params, **settings)
         return [result[0]["generated_text"] for result in results]
 
 
@@ -236,9 +260,11 @@ def log_pipeline_model(model_dir: str | Path, *, registered_model_name: str | No
     import transformers
 
     model_dir = Path(model_dir)
-    with tempfile.TemporaryDirectory(prefix=".staging-mlflow-", dir=model_dir) as chosen:
+    with tempfile.TemporaryDirectory(prefix=".staging-mlflow-", dir=model_dir) as staging:
+        chosen = Path(staging) / MODEL_FOLDER  # MLflow names the artifact after the folder: the same in every model
+        chosen.mkdir()
         for path in served_files(model_dir):
-            _link_or_copy(path, Path(chosen) / path.name)
+            _link_or_copy(path, chosen / path.name)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*An input example was not provided")
             info = _log(chosen, model_dir.name, registered_model_name, transformers.__version__)
@@ -253,7 +279,7 @@ def _log(model_dir: str | Path, model_name: str, registered_model_name: str | No
         artifacts={MODEL_ARTIFACT: str(model_dir)},
         code_paths=[str(PROJECT_ROOT / "training")],
         signature=SIGNATURE,
-        model_config={"model_name": model_name},
+        model_config={"model_name": model_name, "max_batch_size": DEFAULT_MAX_BATCH_SIZE},
         metadata={"task": "llm/v1/chat"},  # what chat endpoints look for
         pip_requirements=[f"transformers=={transformers_version}", f"torch=={_torch_version()}", "accelerate"],
         registered_model_name=registered_model_name,
