@@ -123,3 +123,33 @@ def test_balanced_ranks_give_the_same_update_padded(tiny_model_dir, sample_path,
     )
     assert max_weight_difference(balanced / "model.safetensors", unbalanced / "model.safetensors") <= TOLERANCE
     assert losses(balanced) == pytest.approx(losses(unbalanced), abs=TOLERANCE)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_a_resume_skips_trained_steps_without_assigning_them(lengths, packed, monkeypatch):
+    """After skip_next(N micro-batches), a pass yields N placeholders, which accelerate's skipping sampler drops, then
+    exactly what a full pass yields from there; the skipped steps' records are never assigned."""
+    import numpy as np
+    from accelerate.data_loader import SkipBatchSampler
+
+    args = SimpleNamespace(
+        world_size=2,
+        gradient_accumulation_steps=2,
+        train_batch_size=2,
+        data_seed=None,
+        seed=3,
+        process_index=1,
+        dataloader_drop_last=False,
+    )
+    sampler = balanced_sampler({"input_ids": [[0] * n for n in lengths]}, args, hidden_size=576 if packed else None)
+    assert isinstance(sampler.lengths, np.ndarray)  # never a Python list of every record's length
+    sampler.set_epoch(1)
+    full = list(sampler)
+    assigned = []
+    real_assign = type(sampler)._assign
+    monkeypatch.setattr(type(sampler), "_assign", lambda self, *a: assigned.append(1) or real_assign(self, *a))
+    skipped = 4  # two optimizer steps of 2 micro-batches
+    sampler.skip_next(skipped)
+    resumed = list(SkipBatchSampler(sampler, skip_batches=skipped))
+    assert resumed == full[skipped:] and len(assigned) == len(full) // 2 - 2
+    assert list(sampler) == full  # the skip was for one pass only

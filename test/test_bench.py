@@ -338,3 +338,20 @@ def test_data_scale_prepares_for_a_two_rank_launch_and_reports(sample_path, tmp_
         assert figures["tokenizing_seconds_by_rank"]["1"] == 0  # only the preparing rank tokenizes
         assert {"launcher", "rank 0", "rank 1"} <= set(figures["peak_memory_bytes"])
     assert "| 300 |" in data_scale_section(json.loads(output.read_text()))
+
+
+@pytest.mark.launch  # seven processes of its own (each format's read, each serving arm): the full tier
+def test_the_rest_of_the_scale_bench_runs_small(tmp_path):
+    """bench.scale_rest at small sizes: every part runs and writes its figures; the source is read once per run."""
+    from bench import scale_rest
+
+    out = tmp_path / "scale_rest.json"
+    result = scale_rest.main(["--records", "400", "--requests", "24", "--out", str(out)])
+    assert set(result["json"]["formats"]) == {"jsonl", "json_lines", "json_array"}
+    assert all(f["rows"] == 400 for f in result["json"]["formats"].values())
+    runs = result["reads"]["runs"]
+    assert runs["first"]["reads_of_the_source"] == runs["reusing"]["reads_of_the_source"] == 1.0
+    assert runs["first"]["bytes_read_by_rank_0"] == runs["reusing"]["bytes_read_by_rank_0"] == 0
+    assert result["serving"]["arms"]["bounded_16"]["answers"] == result["serving"]["arms"]["unbounded"]["answers"] == 24
+    assert set(result["sampler"]["ranks"]) == {"8", "64", "512"}
+    assert json.loads(out.read_text())["sampler"] == result["sampler"]

@@ -103,8 +103,11 @@ def test_no_packing_falls_back_to_padded_batches_and_dbfs_gets_a_copy(tiny_model
     assert_finished(result)
     assert "Batching with DataCollatorForCompletionOnlyLM" in result.log
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    from training.folder_commit import MARKER_NAME, is_complete
+
     copied = sorted(p.name for p in dbfs.iterdir())
-    assert copied == sorted(p.name for p in out.iterdir() if not p.name.startswith("checkpoint-"))
+    assert copied == sorted([MARKER_NAME, *(p.name for p in out.iterdir() if not p.name.startswith("checkpoint-"))])
+    assert is_complete(dbfs) and not list(dbfs.parent.glob(".building-*"))  # staged, marked, moved into place
     assert (dbfs / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
     packed = invoke_trainer(quick_training_args(tiny_model_dir, sample_path, tmp_path / "packed", "--max-steps", "1"))
     assert_finished(packed)

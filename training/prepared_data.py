@@ -223,6 +223,10 @@ def prepare_data(
     fingerprint decides: the dataset prepared already, or this one tokenized from the records just read. ``check``
     sees the parts before anything is reused or tokenized (a resume's check against its checkpoint)."""
     cache_dir = Path(cache_dir)
+    if parts is None and _prepared_from(cache_dir, spec, tokenizer):
+        # Data was prepared from this source with these settings before: its digest first (a read, no parse), and
+        # most likely the data is there. (Without such data, the digest is taken as the records are read below.)
+        parts = fingerprint_parts(spec, tokenizer)
     if parts is not None and (found := existing(cache_dir, fingerprint_of(parts))) is not None:
         if check is not None:
             check(parts)
@@ -258,6 +262,25 @@ def prepare_data(
         shutil.rmtree(building, ignore_errors=True)
     logger.info("Prepared dataset %s in %.1f s", target, info["seconds"])
     return PreparedData(target, fingerprint, info)
+
+
+def _prepared_from(cache_dir: Path, spec: DataSpec, tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether ``cache_dir`` holds data prepared from ``spec``'s source with every other part of the fingerprint the
+    same (the source's content may since have changed)."""
+    if not cache_dir.is_dir():
+        return False
+    others = {
+        key: value for key, value in fingerprint_parts(spec, tokenizer, source_digest="-").items() if key != "source"
+    }
+    for info_file in cache_dir.glob(f"*/{INFO_NAME}"):
+        try:
+            info = json.loads(info_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        recorded = {key: value for key, value in info.get("parts", {}).items() if key != "source"}
+        if info.get("training_dataset") == spec.training_dataset and recorded == others:
+            return True
+    return False
 
 
 def _log_reuse(found: PreparedData) -> None:

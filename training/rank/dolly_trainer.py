@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 from pathlib import Path
@@ -95,9 +96,14 @@ class DollyTrainer(Trainer):
             self.control.should_training_stop = True
             return None
         # The balanced sampler shuffles by epoch. The Trainer sets the epoch through accelerate's wrappers, which do
-        # not reach it after a resume has wrapped it once more to skip batches: set it here, for every epoch.
+        # not reach it after a resume has wrapped it once more to skip batches: set it here, for every epoch. On the
+        # resumed epoch it passes over the steps already trained without assigning their records.
         if self.balanced_sampler is not None:
             self.balanced_sampler.set_epoch(epoch)
+            skipped = kwargs.get("steps_trained_in_current_epoch", 0)
+            resumed = kwargs.get("resume_from_checkpoint") is not None and epoch == kwargs.get("epochs_trained")
+            if resumed and skipped > 0 and not self.args.ignore_data_skip:
+                self.balanced_sampler.skip_next(skipped)
         return super()._run_epoch(model, epoch, *args, **kwargs)
 
     def _track_num_input_tokens(self, inputs) -> None:
@@ -171,24 +177,76 @@ class DollyTrainer(Trainer):
 
 
 class ColumnBatchRebalanceSampler(BatchRebalanceSampler):
-    """transformers' ``BatchRebalanceSampler`` on a NumPy array of lengths (the dataset's ``length`` column, read
-    once): it keeps the array, not a Python list of a million numbers, and reads a step's lengths in one gather."""
+    """transformers' ``BatchRebalanceSampler`` at scale: the lengths (the dataset's ``length`` column, read once) and
+    each epoch's order are NumPy arrays, never a Python list of every record (``BatchRebalanceSampler.__init__``
+    copies the lengths into one, and its ``__iter__`` turns the permutation into another, on every rank); a step's
+    lengths are read in one gather. The order is transformers' (the same seeded ``randperm``), so a step holds the
+    same records. A resume's skipped steps (:meth:`skip_next`) are passed over without assigning their records."""
 
-    def __init__(self, *, lengths: np.ndarray, **kwargs):
-        super().__init__(lengths=lengths, **kwargs)
+    def __init__(
+        self,
+        *,
+        lengths: np.ndarray,
+        effective_batch_size: int,
+        dp_size: int,
+        grad_accum: int,
+        shuffle: bool = True,
+        seed: int = 42,
+        rank: int = 0,
+        drop_last: bool = True,
+    ):
+        # Not BatchRebalanceSampler.__init__: the same fields, without its list of every length.
+        assert dp_size >= 1 and grad_accum >= 1 and effective_batch_size >= dp_size * grad_accum
         self.lengths = np.asarray(lengths)
+        self.effective_batch_size = effective_batch_size
+        self.dp_size = dp_size
+        self.grad_accum = grad_accum
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.num_full_batches = len(self.lengths) // effective_batch_size
+        self.remainder = len(self.lengths) % effective_batch_size
+        self.has_tail = (not drop_last) and self.remainder > 0
+        self.num_global_batches = self.num_full_batches + (1 if self.has_tail else 0)
+        self._skip = 0
+
+    def skip_next(self, micro_batches: int) -> None:
+        """The next pass starts after ``micro_batches`` (whole optimizer steps) already trained: it yields an empty
+        placeholder for each, which accelerate's skipping sampler drops unseen, without assigning their records."""
+        self._skip = micro_batches
+
+    def __iter__(self):
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        count = len(self.lengths)
+        order = torch.randperm(count, generator=generator).numpy() if self.shuffle else np.arange(count)
+        skip, self._skip = self._skip, 0
+        parts = self.dp_size * self.grad_accum
+        for step in range(self.num_global_batches):
+            if skip >= self.grad_accum:
+                skip -= self.grad_accum
+                for _ in range(self.grad_accum):
+                    yield []
+                continue
+            indices = order[step * self.effective_batch_size : (step + 1) * self.effective_batch_size]
+            if len(indices) < parts:  # the epoch's tail, too small to give every micro-batch a record
+                indices = np.concatenate([indices, np.resize(order, parts - len(indices))])
+            yield from self._yield_global_batch(indices)
 
     def _yield_global_batch(self, batch_indices):
-        rank_mbs = self._assign(batch_indices, self.lengths[np.asarray(batch_indices)].tolist())
-        for accumulation_step in range(self.grad_accum):
-            yield rank_mbs[self.rank][accumulation_step]
+        batch_indices = np.asarray(batch_indices)
+        rank_mbs = self._assign(batch_indices.tolist(), self.lengths[batch_indices].tolist())
+        yield from rank_mbs[self.rank]
 
 
 class PackedBatchRebalanceSampler(ColumnBatchRebalanceSampler):
     """transformers' balancing for packed rows, which have no padding: a micro-batch costs its records' tokens plus
     each record's own attention (``attention_weight`` x length², about 1 / (6 x hidden size) of a token's linear
     layers), and records need not be of similar length to share one, so they are dealt out greedily (the longest
-    first, each to the cheapest micro-batch so far). The step's records and the slots' order are transformers'."""
+    first, each to the cheapest micro-batch so far, found with a heap: a step costs O(records x log micro-batches)
+    whatever the number of ranks). The step's records and the slots' order are transformers'."""
 
     def __init__(self, *args, attention_weight: float, **kwargs):
         super().__init__(*args, **kwargs)
@@ -197,16 +255,17 @@ class PackedBatchRebalanceSampler(ColumnBatchRebalanceSampler):
     def _assign(self, indices, lengths):
         parts = self.dp_size * self.grad_accum
         groups: list[list[int]] = [[] for _ in range(parts)]
-        costs = [0.0] * parts
+        cheapest = [(0.0, group) for group in range(parts)]  # (cost, group): a heap, already in order
         for index, length in sorted(zip(indices, lengths), key=lambda pair: -pair[1]):
-            cheapest = min(range(parts), key=costs.__getitem__)
-            groups[cheapest].append(index)
-            costs[cheapest] += length + self.attention_weight * length * length
+            cost, group = cheapest[0]
+            groups[group].append(index)
+            heapq.heapreplace(cheapest, (cost + length + self.attention_weight * length * length, group))
+        costs = [0.0] * parts
+        for cost, group in cheapest:
+            costs[group] = cost
         ranked = sorted(range(parts), key=lambda group: -costs[group])  # as transformers deals its groups out
-        return [
-            [groups[ranked[slot * self.dp_size + rank]] for slot in range(self.grad_accum)]
-            for rank in range(self.dp_size)
-        ]
+        mine = [groups[ranked[slot * self.dp_size + self.rank]] for slot in range(self.grad_accum)]
+        return {self.rank: mine}  # this rank's slots: _yield_global_batch reads only them
 
 
 def balanced_sampler(dataset, args: TrainingArguments, *, hidden_size: int | None = None) -> BatchRebalanceSampler:
