@@ -3,7 +3,8 @@
     python -m bench.scale_rest [--records 300000] [--requests 1000] [--parts json,reads,serving,sampler]
 
 1. ``json``: peak memory of reading and checking a 300,000-record ``.json`` array file, and the same records as JSON
-   Lines named ``.json``, against the same records as ``.jsonl`` (each in its own process; goal: within 10%).
+   Lines named ``.json``, against the same records as ``.jsonl`` (each in its own process; goal: within 10%); and, as
+   the baseline, the array read as it was before (decoded whole, then ``json.loads``).
 2. ``reads``: bytes read from the source per notebook run (the driver prepares, rank 0 finds the prepared data),
    counted through the reader, for a first run and a run that reuses the prepared data (goal: the source's size,
    once).
@@ -70,15 +71,48 @@ def write_sources(records: list[dict[str, str]], folder: Path) -> dict[str, Path
     return paths
 
 
-def read_and_check(path: str) -> dict[str, Any]:
-    """In its own process: the records read, checked and written to Arrow, as preparing does; peak memory."""
-    from training.data import records_dataset
+def read_and_check(path: str, whole_file: bool = False) -> dict[str, Any]:
+    """In its own process: the records read, checked and written to Arrow, as preparing does; peak memory, and the
+    peak the process had reached before reading (its imports). ``whole_file``: the baseline, the reader this
+    replaced (the file's text decoded whole, then ``json.loads``)."""
+    import datasets
 
+    from training.data import DOLLY_COLUMNS, records_dataset, validate_record
+
+    before = peak_memory_bytes()
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak resident set (VmHWM) starts again from now
+    resident_before = _status_bytes("VmRSS")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
-        dataset = records_dataset(path, cache_dir=scratch, content=scratch)
+        if whole_file:
+            records = json.loads(Path(path).read_bytes().decode("utf-8"))
+
+            def checked():
+                for number, record in enumerate(records, 1):
+                    yield validate_record(record, f"{path}, record {number}", DOLLY_COLUMNS)
+
+            dataset = datasets.Dataset.from_generator(checked, cache_dir=scratch)
+        else:
+            dataset = records_dataset(path, cache_dir=scratch, content=scratch)
         rows = dataset.num_rows
-    return {"rows": rows, "seconds": time.perf_counter() - started, "peak_rss_bytes": peak_memory_bytes()}
+        peak_while_reading = _status_bytes("VmHWM")
+    return {
+        "rows": rows,
+        "seconds": time.perf_counter() - started,
+        "peak_rss_bytes": peak_memory_bytes(),
+        "peak_rss_before_reading_bytes": before,
+        "rss_before_reading_bytes": resident_before,
+        "peak_rss_while_reading_bytes": peak_while_reading,
+        "peak_growth_while_reading_bytes": peak_while_reading - resident_before,
+    }
+
+
+def _status_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmRSS: now; VmHWM: the peak since the last reset)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def json_part(records: list[dict[str, str]], folder: Path) -> dict[str, Any]:
@@ -87,11 +121,18 @@ def json_part(records: list[dict[str, str]], folder: Path) -> dict[str, Any]:
         name: {**run_in_own_process("bench.scale_rest", ["--run", "read", str(path)]), "bytes": path.stat().st_size}
         for name, path in paths.items()
     }
-    baseline = results["jsonl"]["peak_rss_bytes"]
+    whole = paths["json_array"]
+    results["json_array_whole_file_baseline"] = {
+        **run_in_own_process("bench.scale_rest", ["--run", "read-whole", str(whole)]),
+        "bytes": whole.stat().st_size,
+    }
+    baseline = results["jsonl"]["peak_rss_while_reading_bytes"]
     return {
         "records": len(records),
         "formats": results,
-        "peak_vs_jsonl": {name: result["peak_rss_bytes"] / baseline for name, result in results.items()},
+        "peak_while_reading_vs_jsonl": {
+            name: result["peak_rss_while_reading_bytes"] / baseline for name, result in results.items()
+        },
     }
 
 
@@ -259,7 +300,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     options = parser.parse_args(argv)
     if options.run:
         kind, *args = options.run
-        result = read_and_check(*args) if kind == "read" else serve(args[0], int(args[1]), int(args[2]))
+        if kind == "serve":
+            result = serve(args[0], int(args[1]), int(args[2]))
+        else:
+            result = read_and_check(args[0], whole_file=kind == "read-whole")
         write_json(options.arm_result, result)
         return result
     parts = options.parts.split(",")
