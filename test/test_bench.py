@@ -340,18 +340,23 @@ def test_data_scale_prepares_for_a_two_rank_launch_and_reports(sample_path, tmp_
     assert "| 300 |" in data_scale_section(json.loads(output.read_text()))
 
 
-@pytest.mark.launch  # seven processes of its own (each format's read, each serving arm): the full tier
-def test_the_rest_of_the_scale_bench_runs_small(tmp_path):
-    """bench.scale_rest at small sizes: every part runs and writes its figures; the source is read once per run."""
+def test_the_rest_of_the_scale_bench_runs_small(tmp_path, monkeypatch):
+    """bench.scale_rest at small sizes, its parts in this process (serving's batches are tested in test_serving.py):
+    every part writes its figures; the source is read once per run; the old whole-file reader is the baseline."""
     from bench import scale_rest
 
+    def in_this_process(module, args):
+        result_file = tmp_path / "arm.json"
+        scale_rest.main([*args, "--arm-result", str(result_file)])
+        return json.loads(result_file.read_text())
+
+    monkeypatch.setattr(scale_rest, "run_in_own_process", in_this_process)
     out = tmp_path / "scale_rest.json"
-    result = scale_rest.main(["--records", "400", "--requests", "24", "--out", str(out)])
-    assert set(result["json"]["formats"]) == {"jsonl", "json_lines", "json_array"}
-    assert all(f["rows"] == 400 for f in result["json"]["formats"].values())
+    result = scale_rest.main(["--records", "400", "--parts", "json,reads,sampler", "--out", str(out)])
+    assert set(result["json"]["formats"]) == {"jsonl", "json_lines", "json_array", "json_array_whole_file_baseline"}
+    assert all(f["rows"] == 400 and f["peak_rss_while_reading_bytes"] > 0 for f in result["json"]["formats"].values())
     runs = result["reads"]["runs"]
     assert runs["first"]["reads_of_the_source"] == runs["reusing"]["reads_of_the_source"] == 1.0
     assert runs["first"]["bytes_read_by_rank_0"] == runs["reusing"]["bytes_read_by_rank_0"] == 0
-    assert result["serving"]["arms"]["bounded_16"]["answers"] == result["serving"]["arms"]["unbounded"]["answers"] == 24
-    assert set(result["sampler"]["ranks"]) == {"8", "64", "512"}
+    assert set(result["sampler"]["ranks"]) == {"8", "64", "512"} and "serving" not in result
     assert json.loads(out.read_text())["sampler"] == result["sampler"]

@@ -133,7 +133,7 @@ def test_two_notebook_runs_at_once_each_finish_with_their_own_model(tiny_model_d
 def test_a_publish_longer_than_the_collective_timeout_ends_with_every_rank_exited_0_and_a_complete_copy(
     tiny_model_dir, sample_path, tmp_path
 ):
-    """Rank 0 logs the MLflow model for 25 s (a slow upload) with collectives timing out after 12 s: the other rank
+    """Rank 0 logs the MLflow model for 18 s (a slow upload) with collectives timing out after 10 s: the other rank
     waits through the hand-off's heartbeat, not a collective, so every rank exits 0 and the copy is complete."""
     from helpers import assert_ok, run_trainer, zero3_run_args
 
@@ -147,12 +147,12 @@ def test_a_publish_longer_than_the_collective_timeout_ends_with_every_rank_exite
         "--max-steps",
         "2",
         "--collective-timeout",
-        "12",
+        "10",
         "--dbfs-output-dir",
         str(copy),
         mlflow=True,
     )
-    env = {"DOLLY_FAULT": "slow-mlflow-upload:25", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env = {"DOLLY_FAULT": "slow-mlflow-upload:18", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     run = run_trainer(args, ranks=2, launcher="deepspeed", module="fault_injection", env=env)
     assert_ok(run)
     log = run.stdout + run.stderr

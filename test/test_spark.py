@@ -75,6 +75,27 @@ def test_trains_from_a_table_on_two_spark_workers_then_answers(spark, tiny_model
     assert [r["instruction"] for r in read_records(data)] == sorted(r["instruction"] for r in records)
     assert table_to_parquet(spark, table, tmp_path / "prepared") == data  # the same rows: the same folder
 
+    # Preparing the copy reads its Parquet once (its digest is Spark's, kept in its marker); the ranks, handed the
+    # digest with the plan, read nothing of it.
+    import dataclasses
+
+    from training.data import SOURCE_BYTES_READ
+    from training.driver.notebook import prepare_training_data
+    from training.rank.training_data import prepare_on_main, resolved_max_length
+    from training.settings import TrainSettings
+
+    parquet = {str(path): path.stat().st_size for path in Path(data).glob("*.parquet")}
+    settings = TrainSettings(
+        input_model=str(tiny_model_dir), training_dataset=data, local_output_dir=str(tmp_path / "runs" / "a")
+    )
+    SOURCE_BYTES_READ.clear()
+    digest = prepare_training_data(settings)
+    handed = dataclasses.replace(settings, source_digest=digest)
+    prepare_on_main(handed, resolved_max_length(handed), None)
+    assert digest.startswith("table:default.dolly_sample@") and set(SOURCE_BYTES_READ) == set(parquet)
+    for name, size in parquet.items():  # every byte once, plus pyarrow's look at the footer (the last 64 KiB at most)
+        assert size <= SOURCE_BYTES_READ[name] <= size + min(size, 64 * 1024), (name, SOURCE_BYTES_READ[name], size)
+
     # The notebook's launch cell, as it runs with num_nodes=2 (its plan built as the notebook builds it).
     paths = RunPaths(str(tmp_path / "out"), None, str(tmp_path / "out" / "runs"))
     plan = notebook_plan(
@@ -160,31 +181,6 @@ def test_a_table_copy_on_disks_the_driver_cannot_see_is_never_marked_complete(
     with pytest.raises(TableCopyError, match=r"executors run on other hosts \(10\.0\.3\.7, 10\.0\.3\.8\)"):
         table_to_parquet(spark, table, tmp_path / "local_disk0")
     assert not (tmp_path / "local_disk0" / "tables").exists() or not list((tmp_path / "local_disk0").rglob("*.parquet"))
-
-
-def test_a_tables_copy_is_read_once_to_prepare_it_its_digest_is_sparks(spark, tiny_model_dir, sample_path, tmp_path):
-    """Preparing a table's copy reads its Parquet once (the digest is the one Spark computed of the rows, kept in the
-    copy's marker), and the ranks then read nothing of it."""
-    import dataclasses
-
-    from training.data import SOURCE_BYTES_READ
-    from training.driver.notebook import prepare_training_data
-    from training.rank.training_data import prepare_on_main
-    from training.settings import TrainSettings
-
-    records = [json.loads(line) for line in sample_path.read_text().splitlines() if line.strip()]
-    copy = table_to_parquet(spark, save_table(spark, "dolly_read_once", records), tmp_path / "prepared")
-    parquet = {str(path): path.stat().st_size for path in Path(copy).glob("*.parquet")}
-    settings = TrainSettings(
-        input_model=str(tiny_model_dir), training_dataset=copy, local_output_dir=str(tmp_path / "runs" / "a")
-    )
-    SOURCE_BYTES_READ.clear()
-    digest = prepare_training_data(settings)
-    prepare_on_main(dataclasses.replace(settings, source_digest=digest), 2048, None)
-    assert digest.startswith("table:default.dolly_read_once@")
-    assert set(SOURCE_BYTES_READ) == set(parquet)
-    for name, size in parquet.items():  # every byte once, plus pyarrow's look at the footer (the last 64 KiB at most)
-        assert size <= SOURCE_BYTES_READ[name] <= size + min(size, 64 * 1024), (name, SOURCE_BYTES_READ[name], size)
 
 
 LARGE_TABLE_ROWS = 100_000
