@@ -76,6 +76,24 @@ def test_json_is_read_as_a_stream_whatever_its_layout_and_a_broken_record_is_nam
         read_records(str(tmp_path / "wrapped.json"))
 
 
+def test_a_json_files_digest_is_taken_as_it_is_read(tmp_path):
+    """The .json reader looks for a byte-order mark and goes back to the start: the digest is still the one taken as
+    the records were read, so the file is not read again for it (only the layout's first look reads ahead)."""
+    import hashlib
+
+    from training.data import JSON_PEEK_BYTES, SOURCE_BYTES_READ, source_fingerprint
+
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps([{**GOOD, "instruction": f"Question {n}?"} for n in range(2000)]))
+    size = path.stat().st_size
+    SOURCE_BYTES_READ.clear()
+    assert len(read_records(str(path))) == 2000
+    read = SOURCE_BYTES_READ[str(path)]
+    digest = source_fingerprint(str(path), after_read=True)
+    assert digest == f"sha256:{hashlib.sha256(path.read_bytes()).hexdigest()}"
+    assert SOURCE_BYTES_READ[str(path)] == read <= size + min(size, JSON_PEEK_BYTES) + 3
+
+
 def test_parquet_and_saved_folder_are_read_and_checked(tmp_path):
     Dataset.from_list([GOOD, {**GOOD, "response": ""}]).to_parquet(str(tmp_path / "r.parquet"))
     with pytest.raises(DatasetRecordError, match=r"r\.parquet, record 2: field 'response' is empty"):

@@ -116,7 +116,10 @@ class _CountedFile:
     def seek(self, offset: int, whence: int = 0) -> int:
         before = self._file.tell()
         position = self._file.seek(offset, whence)
-        self._in_order = self._in_order and position == before  # a jump: the bytes hashed are no longer the file's
+        if position == 0:  # back to the start (after a look at a byte-order mark): the hash starts again from there
+            self._hash, self._in_order, self._at_end = hashlib.sha256(), True, False
+        else:  # any other jump: the bytes hashed are no longer the file's, in order
+            self._in_order = self._in_order and position == before
         return position
 
     def close(self) -> None:
